@@ -1,0 +1,106 @@
+// sluice/detail/wait.hpp — spin-then-park waiting with deadlines and stop tokens (not public API).
+//
+// block_until(ec, ready, deadline, stop) is how every sluice blocking call waits: it checks
+// `ready()` while spinning briefly (the fast path never parks), then parks on `ec` and re-checks
+// after every wake-up. It returns when `ready()` is true, the deadline passes, or the stop token is
+// triggered. The caller's wakers must make `ready()` true *before* calling ec.notify_*().
+//
+// Deadlines are std::chrono::steady_clock time points; deadline_after() and to_steady() convert a
+// caller's duration or foreign-clock time point, saturating instead of overflowing (a duration of
+// hours::max() is "wait forever", never undefined behaviour).
+#pragma once
+
+#include <chrono>
+#include <optional>
+#include <stop_token>
+#include <thread>
+#include <type_traits>
+
+#include "event_count.hpp"
+
+namespace sluice::detail {
+
+using steady_time = std::chrono::steady_clock::time_point;
+
+enum class wait_outcome { ready, timeout, cancelled };
+
+/// now + d, saturating at steady_time::max() (and at now for negative d).
+template <class Rep, class Period>
+[[nodiscard]] steady_time deadline_after(const std::chrono::duration<Rep, Period>& d) noexcept {
+  const auto now = std::chrono::steady_clock::now();
+  if (d <= d.zero()) return now;
+  using steady_duration = std::chrono::steady_clock::duration;
+  const auto room = steady_time::max() - now;
+  // Compare in the coarser of the two units so the comparison itself cannot overflow.
+  if (std::chrono::duration_cast<std::chrono::duration<double>>(d) >=
+      std::chrono::duration_cast<std::chrono::duration<double>>(room)) {
+    return steady_time::max();
+  }
+  return now + std::chrono::ceil<steady_duration>(d);
+}
+
+/// Converts a time point of any clock to a steady deadline (relative to that clock's now()).
+/// Far-future and far-past time points saturate instead of overflowing.
+template <class Clock, class Duration>
+[[nodiscard]] steady_time to_steady(const std::chrono::time_point<Clock, Duration>& tp) noexcept {
+  if constexpr (std::is_same_v<Clock, std::chrono::steady_clock> &&
+                std::is_same_v<Duration, std::chrono::steady_clock::duration>) {
+    return tp;
+  } else {
+    // In floating-point seconds: the difference of two extreme time points cannot overflow.
+    using seconds_f = std::chrono::duration<double>;
+    const auto remaining = seconds_f(tp.time_since_epoch()) - seconds_f(Clock::now().time_since_epoch());
+    return deadline_after(remaining);
+  }
+}
+
+/// Spin iterations before parking. Short on purpose: on a machine with fewer cores than threads a
+/// long spin steals the CPU from the very thread that would make the condition true.
+inline constexpr int default_spins = 64;
+
+/// Waits until ready() holds. `deadline` may be nullopt (no limit); `stop` may be null.
+/// Returns ready as soon as ready() is observed true, even if the deadline also passed.
+template <class Ready>
+[[nodiscard]] wait_outcome block_until(event_count& ec, Ready&& ready,
+                                       const std::optional<steady_time>& deadline,
+                                       const std::stop_token* stop,
+                                       int spins = default_spins) {
+  for (int i = 0; i < spins; ++i) {
+    if (ready()) return wait_outcome::ready;
+    cpu_relax();
+  }
+  if (ready()) return wait_outcome::ready;
+  // A yield lets a preempted waker on the same core finish before we pay for a park.
+  std::this_thread::yield();
+
+  auto park = [&]() -> wait_outcome {
+    for (;;) {
+      const auto key = ec.prepare_wait();
+      if (ready()) {
+        ec.cancel_wait();
+        return wait_outcome::ready;
+      }
+      if (stop != nullptr && stop->stop_requested()) {
+        ec.cancel_wait();
+        return wait_outcome::cancelled;
+      }
+      if (deadline) {
+        if (!ec.wait_until(key, *deadline)) {
+          return ready() ? wait_outcome::ready : wait_outcome::timeout;
+        }
+      } else {
+        ec.wait(key);
+      }
+    }
+  };
+
+  if (stop != nullptr && stop->stop_possible()) {
+    // Wakes every parker on this event count; each re-checks its own condition and token.
+    // Registered only on the slow path, so the fast path never touches the stop state.
+    std::stop_callback on_stop(*stop, [&ec]() noexcept { ec.notify_all(); });
+    return park();
+  }
+  return park();
+}
+
+}  // namespace sluice::detail
