@@ -1,0 +1,171 @@
+// sluice/detail/lock_table_shard.hpp — one shard of key_lock_table: a small chained hash map of
+// live lock entries plus a bounded pool of spare entry nodes (not public API).
+//
+// Not synchronized: key_lock_table calls every member with the shard's mutex held. An entry is in
+// the map exactly while it has a holder (and possibly waiters); erase() is only ever called by the
+// holder's unlock when no waiter is queued, under that same mutex.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <optional>
+#include <utility>
+
+#include "event_count.hpp"
+#include "lock_handoff.hpp"
+
+namespace sluice::detail {
+
+/// splitmix64's finaliser: spreads a user hash (std::hash<int> is the identity) over 64 bits.
+[[nodiscard]] inline std::uint64_t lock_table_mix(std::uint64_t z) noexcept {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+template <class Key>
+struct lock_table_entry {
+  lock_table_entry* next = nullptr;  // bucket chain, or the pool's free list
+  std::uint64_t hash = 0;            // mixed hash of *key
+  handoff_fifo waiters;              // threads waiting for this key, oldest first
+  std::optional<Key> key;            // engaged while the entry is in the map
+};
+
+template <class Key>
+class alignas(cache_line) lock_table_shard {
+ public:
+  using entry = lock_table_entry<Key>;
+  static constexpr std::size_t min_buckets = 16;
+
+  lock_table_shard() = default;
+  lock_table_shard(const lock_table_shard&) = delete;
+  lock_table_shard& operator=(const lock_table_shard&) = delete;
+
+  ~lock_table_shard() {
+    while (pool_ != nullptr) delete std::exchange(pool_, pool_->next);
+    // Entries still in the map would be a precondition violation (a guard outliving the table).
+  }
+
+  void set_pool_limit(std::size_t limit) noexcept { pool_limit_ = limit; }
+
+  template <class K, class Eq>
+  [[nodiscard]] entry* find(std::uint64_t hash, const K& key, const Eq& eq) const {
+    if (buckets_ == nullptr) return nullptr;
+    for (entry* e = buckets_[hash & mask_]; e != nullptr; e = e->next) {
+      if (e->hash == hash && eq(*e->key, key)) return e;
+    }
+    return nullptr;
+  }
+
+  /// Adds an entry for `key` (not present). Strong exception guarantee: if growing the bucket
+  /// array, allocating a node or copying the key throws, the shard is unchanged.
+  template <class K>
+  entry* insert(std::uint64_t hash, const K& key) {
+    if (count_ + 1 > bucket_count_) rehash(bucket_count_ == 0 ? min_buckets : bucket_count_ * 2);
+    entry* e = pool_;
+    if (e != nullptr) {
+      pool_ = e->next;
+      --pooled_;
+    } else {
+      e = new entry;
+    }
+    try {
+      e->key.emplace(key);
+    } catch (...) {
+      recycle(e);
+      throw;
+    }
+    e->hash = hash;
+    entry*& head = buckets_[hash & mask_];
+    e->next = head;
+    head = e;
+    ++count_;
+    // relaxed: size() is a snapshot; the mutex orders everything that matters.
+    live_.store(count_, std::memory_order_relaxed);
+    return e;
+  }
+
+  /// Unlinks `e` (no holder, no waiter left) and recycles its node. Never throws.
+  void erase(entry* e) noexcept {
+    entry** link = &buckets_[e->hash & mask_];
+    while (*link != e) link = &(*link)->next;
+    *link = e->next;
+    --count_;
+    // relaxed: as in insert().
+    live_.store(count_, std::memory_order_relaxed);
+    recycle(e);
+    if (bucket_count_ > min_buckets && count_ * 8 < bucket_count_) {
+      // Shrinking is only to give memory back after a burst; if the smaller array cannot be
+      // allocated the larger one simply stays.
+      try {
+        rehash(bucket_count_ / 2);
+      } catch (...) {
+      }
+    }
+  }
+
+  [[nodiscard]] std::size_t live() const noexcept {
+    // relaxed: a snapshot (exact when no other thread is locking or unlocking).
+    return live_.load(std::memory_order_relaxed);
+  }
+
+  /// Threads queued on this shard's entries (a snapshot). Written under the mutex.
+  [[nodiscard]] std::size_t waiting() const noexcept {
+    // relaxed: a monitoring snapshot.
+    return waiting_.load(std::memory_order_relaxed);
+  }
+  void add_waiting(std::ptrdiff_t d) noexcept {
+    // relaxed: a monitoring counter, only written with the mutex held.
+    waiting_.store(waiting_.load(std::memory_order_relaxed) + static_cast<std::size_t>(d), std::memory_order_relaxed);
+  }
+
+  [[nodiscard]] std::size_t pooled() const noexcept { return pooled_; }
+  [[nodiscard]] std::size_t bucket_count() const noexcept { return bucket_count_; }
+
+  std::mutex mutex;
+
+ private:
+  void recycle(entry* e) noexcept {
+    e->key.reset();
+    if (pooled_ < pool_limit_) {
+      e->next = pool_;
+      pool_ = e;
+      ++pooled_;
+    } else {
+      delete e;
+    }
+  }
+
+  void rehash(std::size_t n) {
+    auto fresh = std::make_unique<entry*[]>(n);  // value-initialised: all nullptr; may throw
+    const std::size_t new_mask = n - 1;
+    for (std::size_t b = 0; b < bucket_count_; ++b) {
+      for (entry* e = buckets_[b]; e != nullptr;) {
+        entry* next = e->next;
+        entry*& head = fresh[e->hash & new_mask];
+        e->next = head;
+        head = e;
+        e = next;
+      }
+    }
+    buckets_ = std::move(fresh);
+    bucket_count_ = n;
+    mask_ = new_mask;
+  }
+
+  std::unique_ptr<entry*[]> buckets_;  // power-of-two size, allocated on first insert
+  std::size_t bucket_count_ = 0;
+  std::size_t mask_ = 0;
+  std::size_t count_ = 0;
+  std::atomic<std::size_t> live_{0};
+  std::atomic<std::size_t> waiting_{0};
+  entry* pool_ = nullptr;
+  std::size_t pooled_ = 0;
+  std::size_t pool_limit_ = 0;
+};
+
+}  // namespace sluice::detail
