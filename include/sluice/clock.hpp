@@ -1,0 +1,173 @@
+// sluice/clock.hpp — the clock concept every timed sluice component is written against, and the
+// default adapter over std::chrono::steady_clock.
+//
+// What it is for: timed components (requeue_queue, and later the write-behind batcher's linger
+// timers and the pipelines' workers) never call std::chrono::steady_clock directly. They take a
+// `Clock` template parameter satisfying `sluice::clock_source`, read time with `clock.now()` and
+// park with `clock.wait_until(ec, key, deadline)`. Production code uses `sluice::steady_clock`
+// (the default); tests use `sluice::testing::manual_clock` and move time by hand, without sleeping.
+//
+// The waiting contract (what lets a test clock interrupt a sleeping component):
+//   key = ec.prepare_wait();                  // 1. register on the component's event_count
+//   if (condition or deadline reached) ec.cancel_wait();   // 2. re-check (deadline via clock.now())
+//   else clock.wait_until(ec, key, deadline); // 3. park; consumes the registration
+// `wait_until` returns when `ec` is notified, when `deadline` is reached on *this clock*, or
+// spuriously; callers always loop and re-check. steady_clock parks on a futex with a real
+// deadline. manual_clock parks with no real deadline, and every advance()/set() notifies each
+// event_count currently parked on it, so the component wakes, re-reads now() and sees what is due.
+// `wait(ec, key)` is the same without a deadline; a component that is idle must still park through
+// its clock (not on `ec` directly), so a manual clock can count it as "blocked on the clock".
+//
+// Convention every component follows: a Clock is a cheap copyable *handle*, held by value and taken
+// by value in constructors (`requeue_queue(..., Clock clock = Clock{})`). Copies of a manual_clock
+// share one timeline, so the test keeps one copy and advances it while the component holds another.
+// Deadlines are the clock's own `time_point`s; durations are added with `detail::saturating_add`, so
+// `hours::max()` means "as late as representable", never overflow.
+//
+// Guarantees: now() is monotonic (is_steady). wait*/wait_until never allocate on steady_clock.
+// Never: spins, sleeps in a loop, or takes a lock on steady_clock.
+//
+// Example:
+//   sluice::detail::event_count ec;
+//   sluice::steady_clock clock;
+//   const auto deadline = sluice::detail::saturating_add(clock.now(), 5ms);
+//   auto key = ec.prepare_wait();
+//   if (clock.now() >= deadline) ec.cancel_wait(); else clock.wait_until(ec, key, deadline);
+#pragma once
+
+#include <chrono>
+#include <concepts>
+#include <optional>
+#include <stop_token>
+#include <thread>
+#include <type_traits>
+
+#include "detail/event_count.hpp"
+#include "detail/wait.hpp"
+
+namespace sluice {
+
+/// A source of time a sluice component can read and park on. See the file comment for the
+/// waiting contract. Models must be cheap to copy; copies must observe the same time.
+template <class C>
+concept clock_source =
+    std::copy_constructible<C> &&
+    requires(const C& c, detail::event_count& ec, detail::event_count::key_type key,
+             typename C::time_point tp) {
+      typename C::duration;
+      typename C::time_point;
+      { c.now() } -> std::same_as<typename C::time_point>;
+      { c.wait(ec, key) } -> std::same_as<void>;
+      { c.wait_until(ec, key, tp) } -> std::same_as<bool>;
+    };
+
+/// The default clock: std::chrono::steady_clock, parking on a futex with an absolute deadline.
+/// Its time_point is std::chrono::steady_clock::time_point, so callers pass standard time points.
+struct steady_clock {
+  using base_clock = std::chrono::steady_clock;
+  using rep = base_clock::rep;
+  using period = base_clock::period;
+  using duration = base_clock::duration;
+  using time_point = base_clock::time_point;
+  static constexpr bool is_steady = true;
+
+  /// Current time. Thread-safe. Never allocates. Never blocks.
+  [[nodiscard]] static time_point now() noexcept { return base_clock::now(); }
+
+  /// Parks until `ec` is notified after prepare_wait() returned `key` (or spuriously). Consumes
+  /// the registration. Thread-safe. Never allocates. May block.
+  static void wait(detail::event_count& ec, detail::event_count::key_type key) noexcept { ec.wait(key); }
+
+  /// As wait(), but also returns at `deadline`. Returns false if the deadline passed without a
+  /// notification. Thread-safe. Never allocates. May block.
+  static bool wait_until(detail::event_count& ec, detail::event_count::key_type key,
+                         time_point deadline) noexcept {
+    return ec.wait_until(key, deadline);
+  }
+};
+
+static_assert(clock_source<steady_clock>);
+
+namespace detail {
+
+/// `d` converted to duration D (rounded up), saturating at D::max()/D::min() instead of
+/// overflowing. Never allocates.
+template <class D, class Rep, class Period>
+[[nodiscard]] constexpr D saturating_ceil(const std::chrono::duration<Rep, Period>& d) noexcept {
+  // long double holds every int64 exactly on x86-64 and AArch64, so the range test is exact.
+  using wide = std::chrono::duration<long double, typename D::period>;
+  const wide w = std::chrono::duration_cast<wide>(d);
+  if (!(w < wide(D::max()))) return D::max();  // also catches NaN
+  if (!(w > wide(D::min()))) return D::min();
+  return std::chrono::ceil<D>(w);
+}
+
+/// tp + d, saturating at time_point::max()/min(). `d` may be of any duration type.
+template <class Clock, class Dur, class Rep, class Period>
+[[nodiscard]] constexpr std::chrono::time_point<Clock, Dur> saturating_add(
+    const std::chrono::time_point<Clock, Dur>& tp, const std::chrono::duration<Rep, Period>& d) noexcept {
+  using tp_type = std::chrono::time_point<Clock, Dur>;
+  using wide = std::chrono::duration<long double, typename Dur::period>;
+  const wide w = std::chrono::duration_cast<wide>(d);
+  const wide sum = wide(tp.time_since_epoch()) + w;  // exact for int64 counts (64-bit mantissa)
+  if (!(sum < wide(Dur::max()))) return tp_type::max();  // also catches NaN
+  if (!(sum > wide(Dur::min()))) return tp_type::min();
+  if (w < wide(Dur::max()) && w > wide(Dur::min())) {
+    // The common case: d fits in Dur; finish in integers, still guarding the rounding edge.
+    const Dur dd = std::chrono::ceil<Dur>(w);
+    const Dur since = tp.time_since_epoch();
+    if (dd > Dur::zero() && since > Dur::max() - dd) return tp_type::max();
+    if (dd < Dur::zero() && since < Dur::min() - dd) return tp_type::min();
+    return tp + dd;
+  }
+  return tp_type(std::chrono::ceil<Dur>(sum));  // d alone is out of range but the sum is not
+}
+
+/// block_until() for components with a Clock: waits until ready() holds, the clock reaches
+/// `deadline` (nullopt: no limit), or `stop` (may be null) is triggered. Spins `spins` times on
+/// ready() first, then parks through clock.wait*/wait_until so a manual clock can wake it. The
+/// caller's wakers make ready() true before calling ec.notify_*(). Returns ready as soon as ready()
+/// is observed true. May block. Never allocates.
+template <clock_source Clock, class Ready>
+[[nodiscard]] wait_outcome block_on_clock(const Clock& clock, event_count& ec, Ready&& ready,
+                                          const std::optional<typename Clock::time_point>& deadline,
+                                          const std::stop_token* stop, int spins = default_spins) {
+  for (int i = 0; i < spins; ++i) {
+    if (ready()) return wait_outcome::ready;
+    cpu_relax();
+  }
+  if (ready()) return wait_outcome::ready;
+
+  auto park = [&]() -> wait_outcome {
+    for (;;) {
+      const auto key = ec.prepare_wait();
+      if (ready()) {
+        ec.cancel_wait();
+        return wait_outcome::ready;
+      }
+      if (stop != nullptr && stop->stop_requested()) {
+        ec.cancel_wait();
+        return wait_outcome::cancelled;
+      }
+      if (deadline) {
+        if (clock.now() >= *deadline) {
+          ec.cancel_wait();
+          return wait_outcome::timeout;
+        }
+        clock.wait_until(ec, key, *deadline);
+      } else {
+        clock.wait(ec, key);
+      }
+    }
+  };
+
+  if (stop != nullptr && stop->stop_possible()) {
+    // Wakes every parker on this event count; each re-checks its own condition and token.
+    std::stop_callback on_stop(*stop, [&ec]() noexcept { ec.notify_all(); });
+    return park();
+  }
+  return park();
+}
+
+}  // namespace detail
+}  // namespace sluice
