@@ -54,7 +54,7 @@ struct backoff_options {
   std::chrono::nanoseconds cap = std::chrono::seconds(1000);     ///< largest delay, >= base
   double multiplier = 2.0;                                       ///< growth per failure, >= 1
   jitter_mode jitter = jitter_mode::none;
-  std::optional<std::uint32_t> max_retries;  ///< give up on the failure after this many retries
+  std::optional<std::uint32_t> max_retries = std::nullopt;  ///< give up on the failure after this many retries
 };
 
 /// What failure() decided. Converts to true when the caller should retry after `delay`.
