@@ -118,14 +118,18 @@ TEST_CASE("key_lock_table: the entry a thread waits on is never removed; the key
   key_lock_table<int> t;
   auto g = t.lock(9);
   std::atomic<bool> got{false};
+  std::atomic<bool> checked{false};
   std::jthread waiter([&] {
     auto mine = t.lock(9);
     got = true;
+    while (!checked) std::this_thread::yield();  // hold the key until the newcomer has tried
   });
   await_waiting(t, 1);
   g.unlock();
   // Handed directly to the waiter: a newcomer cannot barge in, and the entry stays.
   CHECK_FALSE(t.try_lock(9));
+  CHECK(t.size() == 1);
+  checked = true;
   waiter.join();
   CHECK(got);
   CHECK(t.size() == 0);

@@ -99,15 +99,18 @@ TEST_CASE("limiter: a released permit goes to the queued waiter, never to a newc
   limiter l(1);
   auto held = l.acquire();
   std::atomic<bool> got{false};
+  std::atomic<bool> checked{false};
   std::jthread waiter([&] {
     auto p = l.acquire();
     got = true;
+    while (!checked) std::this_thread::yield();  // hold the permit until the newcomer has tried
   });
   await_waiting(l, 1);
   held.release();
   // The permit was handed to the waiter inside release(): no barging, whether or not it woke yet.
   CHECK_FALSE(l.try_acquire());
   CHECK_FALSE(l.try_acquire_until(std::chrono::steady_clock::now() - 1s));
+  checked = true;
   waiter.join();
   CHECK(got);
   CHECK(l.in_use() == 0);

@@ -22,10 +22,20 @@ using sluice::task_errors;
 using sluice::task_group;
 
 // Live heap allocations made through operator new in this test program, to check "memory flat".
+// Not under sanitizers: their runtimes own operator new and would see mismatched pairs.
 namespace {
 std::atomic<long> g_live_allocations{0};
 }
 
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__) && !defined(SLUICE_TEST_NO_NEW_COUNT)
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define SLUICE_TEST_NO_NEW_COUNT 1
+#endif
+#endif
+#endif
+#if !defined(SLUICE_TEST_NO_NEW_COUNT) && !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+#define SLUICE_TEST_COUNTS_NEW 1
 void* operator new(std::size_t n) {
   void* p = std::malloc(n == 0 ? 1 : n);
   if (p == nullptr) throw std::bad_alloc();
@@ -38,6 +48,7 @@ void operator delete(void* p) noexcept {
   std::free(p);
 }
 void operator delete(void* p, std::size_t) noexcept { operator delete(p); }
+#endif
 
 namespace {
 void raise_high_water(std::atomic<int>& high, int now) {
@@ -98,7 +109,11 @@ TEST_CASE("task_group: seed leak scenario - 1M spawns, max_parallel 10, never mo
   CHECK(alive == 0);
   CHECK(group.running() == 0);
   // No per-task bookkeeping: live allocations stay where they were after warm-up.
+#if defined(SLUICE_TEST_COUNTS_NEW)
   CHECK(max_growth <= 0);
+#else
+  (void)max_growth;
+#endif
 }
 
 TEST_CASE("task_group: every exception from every failing task is reported and the others run") {
