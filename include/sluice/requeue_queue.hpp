@@ -264,8 +264,13 @@ class requeue_queue {
  private:
   using heap_t = detail::indexed_heap<Key, T, time_point, Hash, KeyEqual>;
 
-  time_point clamp_locked(const duration* delay, const time_point* at, time_point now) const noexcept {
+  // The deadline for a schedule, clamped to now() + horizon. A schedule_at() whose deadline is
+  // below a bound computed from an earlier now() needs no clock read (now() only grows).
+  time_point deadline_locked(const duration* delay, const time_point* at) noexcept {
+    if (at != nullptr && *at <= clamp_free_until_) return *at;
+    const time_point now = clock_.now();
     const time_point limit = detail::saturating_add(now, horizon);
+    clamp_free_until_ = limit;
     if (at != nullptr) return *at < limit ? *at : limit;
     if (*delay <= duration::zero()) return now;
     return *delay < horizon ? detail::saturating_add(now, *delay) : limit;
@@ -287,11 +292,13 @@ class requeue_queue {
     {
       std::lock_guard lock(mutex_);
       if (closed_) return schedule_result::closed;
-      const time_point deadline = clamp_locked(delay != nullptr ? &d : nullptr, at, clock_.now());
-      const auto s = heap_.find(key);
+      const time_point deadline = deadline_locked(delay != nullptr ? &d : nullptr, at);
+      heap_.reserve_one();  // before locate(): the insert below then cannot rehash
+      const auto where = heap_.locate(key);
+      const auto s = where.found;
       if (s == heap_t::npos) {
         if (heap_.size() >= capacity_) return schedule_result::full;
-        heap_.insert(key, std::forward<U>(item), deadline);
+        heap_.insert(where, key, std::forward<U>(item), deadline);
         result = schedule_result::added;
       } else if (policy == schedule_policy::keep_existing ||
                  (policy == schedule_policy::keep_earliest && !(deadline < heap_.deadline(s)))) {
@@ -390,6 +397,7 @@ class requeue_queue {
   bool closed_ = false;
   bool leader_present_ = false;
   time_point leader_wake_at_ = time_point::max();
+  time_point clamp_free_until_ = time_point::min();  // deadlines <= this need no clamping
   std::size_t followers_ = 0;
   detail::event_count leader_ec_;
   detail::event_count follower_ec_;

@@ -3,13 +3,15 @@
 // The data structure behind requeue_queue, without locking or waiting. At most one entry per key;
 // every operation is O(log n) or better:
 //
-//   heap_    4-ary min-heap of {deadline, seq, slot}, 16 bytes for a 64-bit time point. Ordered by
-//            deadline, then by seq (the order entries were scheduled or last changed), so equal
+//   heap_    4-ary min-heap of {deadline, seq, bucket}, 16 bytes for a 64-bit time point. Ordered
+//            by deadline, then by seq (the order entries were scheduled or last changed), so equal
 //            deadlines pop first-in first-out.
-//   slots_   the entries themselves {key, item} plus their current heap position; free slots form a
-//            list. Entries never move while pending, so heap sifts copy only 16-byte records.
-//   index_   open addressing (linear probing, backward-shift deletion, no tombstones) from a
-//            32-bit mixed hash of the key to the slot: 8 bytes per bucket, load factor <= 1/2.
+//   index_   open addressing (linear probing, backward-shift deletion, no tombstones): buckets of
+//            {32-bit mixed hash, slot, heap position}, 12 bytes, load factor <= 1/2. The bucket
+//            holds the heap position (not the slot), so cancel(key) reads the bucket and then the
+//            key's slot and its heap node *in parallel*: two dependent cache misses, not three.
+//   slots_   the entries themselves {key, item}; free slot ids are kept on a stack. Entries never
+//            move while pending, so heap sifts copy only 16-byte records.
 //
 // Memory is bounded by the pending count: when size() falls below a quarter of the slot array the
 // slots are compacted and the heap and index rebuilt (O(n), after at least 3n removals: amortised
@@ -42,8 +44,8 @@ class indexed_heap {
   static_assert(std::is_copy_constructible_v<Key>, "sluice::requeue_queue: Key must be copy-constructible");
 
  public:
-  using slot_id = std::uint32_t;
-  static constexpr slot_id npos = std::numeric_limits<slot_id>::max();
+  using handle = std::uint32_t;  // a bucket index; valid until the next insert or erase
+  static constexpr handle npos = std::numeric_limits<handle>::max();
 
   struct payload {
     Key key;
@@ -55,74 +57,84 @@ class indexed_heap {
   [[nodiscard]] std::size_t size() const noexcept { return heap_.size(); }
   [[nodiscard]] bool empty() const noexcept { return heap_.empty(); }
 
-  /// Slot of `key`, or npos.
-  [[nodiscard]] slot_id find(const Key& key) const {
-    if (index_.empty()) return npos;
+  /// Where find() looked: the key's handle (npos if absent) and, if absent, where insert() puts it.
+  struct lookup {
+    handle found;
+    std::size_t free_bucket;
+    std::uint32_t hash;
+  };
+
+  /// Handle of `key`, or npos.
+  [[nodiscard]] handle find(const Key& key) const { return probe(key, mix(key)).first; }
+
+  /// find() that also remembers where an insert would go (valid until the next change).
+  [[nodiscard]] lookup locate(const Key& key) const {
     const std::uint32_t h = mix(key);
-    for (std::size_t i = home(h);; i = (i + 1) & mask_) {
-      const bucket& b = index_[i];
-      if (b.slot == npos) return npos;
-      if (b.hash == h && eq_(slots_[b.slot].value->key, key)) return b.slot;
-    }
+    const auto [found, free_bucket] = probe(key, h);
+    return lookup{found, free_bucket, h};
   }
 
-  [[nodiscard]] TimePoint deadline(slot_id s) const noexcept { return heap_[slots_[s].heap_pos].deadline; }
+  [[nodiscard]] TimePoint deadline(handle b) const noexcept { return heap_[index_[b].heap_pos].deadline; }
   [[nodiscard]] TimePoint top_deadline() const noexcept { return heap_.front().deadline; }
-  [[nodiscard]] payload& at(slot_id s) noexcept { return *slots_[s].value; }
+  [[nodiscard]] payload& at(handle b) noexcept { return *slots_[index_[b].slot]; }
 
-  /// Adds a new entry; `key` must not be present. Strong exception guarantee: if anything throws
-  /// (allocation, copying the key, constructing the item) nothing has changed and `item` has not
-  /// been moved from. Returns the new slot.
-  template <class U>
-  slot_id insert(const Key& key, U&& item, TimePoint deadline) {
-    const std::uint32_t h = mix(key);
-    if (size() + 1 > std::numeric_limits<std::uint32_t>::max() - 1) throw std::length_error("sluice::requeue_queue: too many entries");
-    heap_.reserve(grown(heap_.size() + 1, heap_.capacity()));
-    if ((size() + 1) * 2 > index_.size()) rebuild_index(std::max<std::size_t>(16, index_.size() * 2));
-    slot_id s = free_head_;
-    if (s == npos) {
-      slots_.reserve(grown(slots_.size() + 1, slots_.capacity()));
-      slots_.emplace_back();
-      s = static_cast<slot_id>(slots_.size() - 1);
-      slots_[s].next_free = npos;
+  /// Makes room for one more entry (call before locate() when an insert may follow, so the
+  /// insert() cannot rehash). Strong guarantee.
+  void reserve_one() {
+    if (size() + 1 > std::numeric_limits<std::uint32_t>::max() / 4) {
+      throw std::length_error("sluice::requeue_queue: too many entries");
     }
-    try {
-      slots_[s].value.emplace(payload{key, std::forward<U>(item)});
-    } catch (...) {
-      if (s != free_head_) slots_.pop_back();  // it was appended just now
-      throw;
+    heap_.reserve(grown(heap_.size() + 1, heap_.capacity()));
+    free_.reserve(grown(slots_.size() + 1, free_.capacity()));
+    if (free_.empty()) slots_.reserve(grown(slots_.size() + 1, slots_.capacity()));
+    if ((size() + 1) * 2 > index_.size()) rebuild_index(std::max<std::size_t>(16, index_.size() * 2));
+  }
+
+  /// Adds a new entry for `key`, which locate() (called after reserve_one(), with nothing changed
+  /// since) reported absent. Strong guarantee: if copying the key or constructing the item
+  /// throws, nothing has changed and `item` has not been moved from.
+  template <class U>
+  handle insert(const lookup& where, const Key& key, U&& item, TimePoint deadline) {
+    std::uint32_t s;
+    if (!free_.empty()) {
+      s = free_.back();
+      slots_[s].emplace(payload{key, std::forward<U>(item)});  // may throw: nothing changed yet
+      free_.pop_back();
+    } else {
+      slots_.emplace_back(std::in_place, payload{key, std::forward<U>(item)});  // capacity reserved
+      s = static_cast<std::uint32_t>(slots_.size() - 1);
     }
     // From here on nothing throws: capacity is reserved everywhere.
-    if (s == free_head_) free_head_ = slots_[s].next_free;
-    slots_[s].hash = h;
-    index_insert(h, s);
-    heap_.push_back(node{deadline, next_seq(), s});
-    slots_[s].heap_pos = static_cast<std::uint32_t>(heap_.size() - 1);
+    const handle b = static_cast<handle>(where.free_bucket);
+    index_[b] = bucket{where.hash, s, static_cast<std::uint32_t>(heap_.size())};
+    heap_.push_back(node{deadline, next_seq(), b});
     sift_up(heap_.size() - 1);
-    return s;
+    return b;
   }
 
-  /// Moves slot `s` to `deadline` (it then orders after every entry already at that deadline).
-  void update(slot_id s, TimePoint deadline) noexcept {
+  /// Moves entry `b` to `deadline` (it then orders after every entry already at that deadline).
+  void update(handle b, TimePoint deadline) noexcept {
     const std::uint32_t seq = next_seq();  // first: a renumbering moves heap positions
-    const std::size_t pos = slots_[s].heap_pos;
+    const std::size_t pos = index_[b].heap_pos;
     heap_[pos].deadline = deadline;
     heap_[pos].seq = seq;
     restore(pos);
   }
 
-  /// Removes slot `s` and returns its payload. Never throws.
-  payload erase(slot_id s) noexcept {
-    payload out = std::move(*slots_[s].value);
-    remove_heap_at(slots_[s].heap_pos);
-    release(s);
+  /// Removes entry `b` and returns its payload. Never throws.
+  payload erase(handle b) noexcept {
+    const bucket victim = index_[b];
+    payload out = std::move(*slots_[victim.slot]);
+    remove_heap_at(victim.heap_pos);
+    index_erase(b);
+    release_slot(victim.slot);
     return out;
   }
 
   /// Removes the earliest entry and returns it with its deadline. Precondition: !empty().
   std::pair<payload, TimePoint> pop_top() noexcept {
     const TimePoint d = heap_.front().deadline;
-    return {erase(heap_.front().slot), d};
+    return {erase(heap_.front().bucket), d};
   }
 
   /// Removes everything, calling f(payload&&, deadline) in deadline order. Releases all memory.
@@ -130,33 +142,26 @@ class indexed_heap {
   template <class F>
   void drain(F&& f) {
     std::sort(heap_.begin(), heap_.end(), [](const node& a, const node& b) { return before(a, b); });
-    for (const node& n : heap_) f(std::move(*slots_[n.slot].value), n.deadline);
+    for (const node& n : heap_) f(std::move(*slots_[index_[n.bucket].slot]), n.deadline);
     clear();
   }
 
-  /// Bytes held by the three arrays (capacity, not size): a diagnostic.
+  /// Bytes held by the arrays (capacity, not size): a diagnostic.
   [[nodiscard]] std::size_t memory_bytes() const noexcept {
-    return heap_.capacity() * sizeof(node) + slots_.capacity() * sizeof(slot_type) + index_.capacity() * sizeof(bucket);
+    return heap_.capacity() * sizeof(node) + slots_.capacity() * sizeof(std::optional<payload>) +
+           index_.capacity() * sizeof(bucket) + free_.capacity() * sizeof(std::uint32_t);
   }
 
  private:
   struct node {
     TimePoint deadline;
     std::uint32_t seq;
-    slot_id slot;
-  };
-  struct slot_type {
-    std::optional<payload> value;
-    union {
-      std::uint32_t heap_pos;   // while occupied
-      slot_id next_free;        // while free
-    };
-    std::uint32_t hash = 0;
-    slot_type() noexcept : heap_pos(0) {}
+    handle bucket;
   };
   struct bucket {
-    std::uint32_t hash;
-    slot_id slot = npos;
+    std::uint32_t hash = 0;
+    std::uint32_t slot = npos;  // npos: empty bucket
+    std::uint32_t heap_pos = 0;
   };
 
   static bool before(const node& a, const node& b) noexcept {
@@ -170,9 +175,9 @@ class indexed_heap {
   }
 
   std::uint32_t next_seq() noexcept {
-    // Renumber before the spread of live seqs could reach 2^31 (every ~2^30 schedules): the
+    // Renumber before the spread of live seqs could reach 2^31 (every 2^30 schedules): the
     // sorted heap is itself a valid heap, numbered 0..n-1 in order.
-    if (seq_ - base_seq_ >= (1u << 30)) renumber();
+    if (seq_ >= (1u << 30)) renumber();
     return seq_++;
   }
 
@@ -181,10 +186,9 @@ class indexed_heap {
     std::uint32_t i = 0;
     for (node& n : heap_) {
       n.seq = i;
-      slots_[n.slot].heap_pos = i;
+      index_[n.bucket].heap_pos = i;
       ++i;
     }
-    base_seq_ = 0;
     seq_ = i;
   }
 
@@ -195,18 +199,19 @@ class indexed_heap {
   }
   std::size_t home(std::uint32_t h) const noexcept { return (static_cast<std::uint64_t>(h) * index_.size()) >> 32; }
 
-  void index_insert(std::uint32_t h, slot_id s) noexcept {
-    std::size_t i = home(h);
-    while (index_[i].slot != npos) i = (i + 1) & mask_;
-    index_[i] = bucket{h, s};
+  // {bucket of key or npos, first empty bucket on its probe path (where it would be inserted)}.
+  std::pair<handle, std::size_t> probe(const Key& key, std::uint32_t h) const {
+    if (index_.empty()) return {npos, 0};
+    for (std::size_t i = home(h);; i = (i + 1) & mask_) {
+      const bucket& b = index_[i];
+      if (b.slot == npos) return {npos, i};
+      if (b.hash == h && eq_(slots_[b.slot]->key, key)) return {static_cast<handle>(i), i};
+    }
   }
 
-  void index_erase(slot_id s) noexcept {
-    const std::uint32_t h = slots_[s].hash;
-    std::size_t i = home(h);
-    while (index_[i].slot != s) i = (i + 1) & mask_;
+  void index_erase(std::size_t i) noexcept {
     // Backward-shift deletion: pull later members of the probe run into the hole when the hole
-    // lies on their path from their home bucket.
+    // lies on their path from their home bucket; their heap nodes learn the new bucket.
     for (std::size_t j = (i + 1) & mask_;; j = (j + 1) & mask_) {
       if (index_[j].slot == npos) break;
       const std::size_t hj = home(index_[j].hash);
@@ -214,6 +219,7 @@ class indexed_heap {
       const bool in_between = i <= j ? (hj > i && hj <= j) : (hj > i || hj <= j);
       if (!in_between) {
         index_[i] = index_[j];
+        heap_[index_[i].heap_pos].bucket = static_cast<handle>(i);
         i = j;
       }
     }
@@ -222,53 +228,64 @@ class indexed_heap {
 
   void rebuild_index(std::size_t buckets) {
     std::vector<bucket> fresh(buckets);  // may throw: nothing changed yet
+    const std::size_t new_mask = buckets - 1;
+    for (node& n : heap_) {
+      const bucket b = index_[n.bucket];
+      std::size_t i = (static_cast<std::uint64_t>(b.hash) * buckets) >> 32;
+      while (fresh[i].slot != npos) i = (i + 1) & new_mask;
+      fresh[i] = b;
+      n.bucket = static_cast<handle>(i);
+    }
     index_.swap(fresh);
-    mask_ = buckets - 1;
-    for (const node& n : heap_) index_insert(slots_[n.slot].hash, n.slot);
+    mask_ = new_mask;
   }
 
-  void release(slot_id s) noexcept {
-    index_erase(s);
-    slots_[s].value.reset();
-    slots_[s].next_free = free_head_;
-    free_head_ = s;
+  void release_slot(std::uint32_t s) noexcept {
+    slots_[s].reset();
     if (heap_.empty()) {
       clear();
-    } else if (slots_.size() > 64 && heap_.size() * 4 < slots_.size()) {
-      compact();
+      return;
     }
+    free_.push_back(s);  // capacity >= slots_.size(), reserved by reserve_one()
+    if (slots_.size() > 64 && heap_.size() * 4 < slots_.size()) compact();
   }
 
   void clear() noexcept {
     // Swap with empties (assigning `{}` would keep the capacity).
     std::vector<node>().swap(heap_);
-    std::vector<slot_type>().swap(slots_);
+    std::vector<std::optional<payload>>().swap(slots_);
     std::vector<bucket>().swap(index_);
+    std::vector<std::uint32_t>().swap(free_);
     mask_ = 0;
-    free_head_ = npos;
-    seq_ = base_seq_ = 0;
+    seq_ = 0;
   }
 
+  // Rebuilds slots (dense, in heap order), index and heap at capacities fitting size(): returns
+  // memory after a large drop in size. O(n), after >= 3n removals since the slots last grew.
   void compact() noexcept {
     try {
       const std::size_t n = heap_.size();
-      std::vector<slot_type> fresh(n);
-      std::vector<node> heap(heap_.begin(), heap_.end());  // copy with capacity n: returns memory
+      std::vector<std::optional<payload>> slots(n);
+      std::vector<node> heap(heap_.begin(), heap_.end());  // copy with capacity n
       std::vector<bucket> index(std::max<std::size_t>(16, std::bit_ceil(n * 2 + 1)));
+      std::vector<std::uint32_t> free_ids;
+      free_ids.reserve(n);
       // Nothing below throws: every allocation is done.
-      for (std::size_t i = 0; i < n; ++i) {
-        slot_type& from = slots_[heap[i].slot];
-        fresh[i].value.emplace(std::move(*from.value));
-        fresh[i].hash = from.hash;
-        fresh[i].heap_pos = static_cast<std::uint32_t>(i);
-        heap[i].slot = static_cast<slot_id>(i);
+      const std::size_t new_mask = index.size() - 1;
+      for (std::size_t k = 0; k < n; ++k) {
+        bucket b = index_[heap[k].bucket];
+        slots[k].emplace(std::move(*slots_[b.slot]));
+        b.slot = static_cast<std::uint32_t>(k);
+        std::size_t i = (static_cast<std::uint64_t>(b.hash) * index.size()) >> 32;
+        while (index[i].slot != npos) i = (i + 1) & new_mask;
+        index[i] = b;
+        heap[k].bucket = static_cast<handle>(i);
       }
-      slots_.swap(fresh);
+      slots_.swap(slots);
       heap_.swap(heap);
       index_.swap(index);
-      mask_ = index_.size() - 1;
-      for (std::size_t i = 0; i < n; ++i) index_insert(slots_[i].hash, static_cast<slot_id>(i));
-      free_head_ = npos;
+      free_.swap(free_ids);
+      mask_ = new_mask;
     } catch (...) {
       // Out of memory while shrinking: keep the larger arrays; correctness is unaffected.
     }
@@ -279,7 +296,7 @@ class indexed_heap {
     heap_.pop_back();
     if (pos == heap_.size()) return;
     heap_[pos] = last;
-    slots_[last.slot].heap_pos = static_cast<std::uint32_t>(pos);
+    index_[last.bucket].heap_pos = static_cast<std::uint32_t>(pos);
     restore(pos);
   }
 
@@ -322,16 +339,15 @@ class indexed_heap {
 
   void place(std::size_t pos, const node& n) noexcept {
     heap_[pos] = n;
-    slots_[n.slot].heap_pos = static_cast<std::uint32_t>(pos);
+    index_[n.bucket].heap_pos = static_cast<std::uint32_t>(pos);  // a store: does not stall
   }
 
   std::vector<node> heap_;
-  std::vector<slot_type> slots_;
+  std::vector<std::optional<payload>> slots_;
   std::vector<bucket> index_;
+  std::vector<std::uint32_t> free_;  // free slot ids (a stack)
   std::size_t mask_ = 0;
-  slot_id free_head_ = npos;
   std::uint32_t seq_ = 0;
-  std::uint32_t base_seq_ = 0;
   [[no_unique_address]] Hash hash_;
   [[no_unique_address]] KeyEqual eq_;
 };
