@@ -110,6 +110,10 @@ class channel {
   /// capacity is 0, std::bad_alloc if the ring cannot be allocated.
   explicit channel(std::size_t capacity) : channel(options_type{capacity, channel_full_mode::wait, {}}) {}
 
+  /// Shorthand for channel(options_type{capacity, mode, on_drop}).
+  channel(std::size_t capacity, channel_full_mode mode, std::function<void(T&&)> on_drop = {})
+      : channel(options_type{capacity, mode, std::move(on_drop)}) {}
+
   /// A channel configured by `options`. Throws std::invalid_argument for capacity 0 or an unknown
   /// full_mode.
   explicit channel(options_type options)
@@ -306,8 +310,9 @@ class channel {
     });
   }
 
-  // After publishing: wake the consumer if it is parked (no system call otherwise).
-  void wake_consumer() noexcept { not_empty_.notify_one(); }
+  // Right after a successful claim: must the consumer be woken once the items are published?
+  // The claim was a seq_cst CAS on the condition the consumer parks on, so no fence is needed.
+  [[nodiscard]] bool consumer_parked() const noexcept { return not_empty_.has_waiters_after_seq_cst_write(); }
 
   // Waits until the position at the tail is free or the channel closed.
   detail::wait_outcome wait_for_space(const deadline_type& deadline, const std::stop_token* stop) noexcept {
@@ -320,9 +325,10 @@ class channel {
       std::size_t n = 0;
       const auto claimed = ring_.claim(1, pos, n);
       if (claimed == detail::claim_result::ok) {
+        const bool wake = consumer_parked();
         ::new (static_cast<void*>(ring_.slot_storage(pos))) T(std::move(value));
         ring_.publish(pos);
-        wake_consumer();
+        if (wake) not_empty_.notify_one();
         return channel_status::ok;
       }
       if (claimed == detail::claim_result::closed) return channel_status::closed;
@@ -358,13 +364,14 @@ class channel {
       std::size_t n = 0;
       const auto claimed = ring_.claim(items.size() - done, first, n);
       if (claimed == detail::claim_result::ok) {
+        const bool wake = consumer_parked();
         pos_type p = first;
         for (std::size_t i = 0; i < n; ++i, p = ring_.next(p)) {
           ::new (static_cast<void*>(ring_.slot_storage(p))) T(std::move(items[done + i]));
           ring_.publish(p);
         }
         done += n;
-        wake_consumer();
+        if (wake) not_empty_.notify_one();
         continue;
       }
       if (claimed == detail::claim_result::closed) return done;
@@ -418,18 +425,41 @@ class channel {
 
   // Consumer: waits until an item is readable or the channel is drained. Spins adaptively: longer
   // while spinning keeps paying off (hand-offs between busy threads), shorter while it does not.
+  //
+  // It parks only while no producer has claimed the head position (pending_or_closed() is false):
+  // a producer that claims one after the consumer registered sees it and wakes it after publishing.
+  // A producer that claimed before does not wake it, so an item claimed but not yet published is
+  // awaited here by spinning, then yielding, then polling every 50 us: that lasts only while a
+  // producer is descheduled between its claim and its publish (a few instructions otherwise).
   detail::wait_outcome wait_for_item(const deadline_type& deadline, const std::stop_token* stop) noexcept {
     flush_wakes();
-    int checks = 0;
-    const int spins = consumer_spins_;
-    const auto outcome = detail::block_until(
-        not_empty_, [&] { ++checks; return ring_.readable_or_drained(); }, deadline, stop, spins);
-    if (outcome == detail::wait_outcome::ready && checks <= spins + 1) {
-      consumer_spins_ = std::min(spins * 2, max_consumer_spins);
-    } else {
-      consumer_spins_ = std::max(spins / 2, min_consumer_spins);
+    for (;;) {
+      int checks = 0;
+      const int spins = consumer_spins_;
+      const auto outcome = detail::block_until(
+          not_empty_, [&] { ++checks; return ring_.pending_or_closed(); }, deadline, stop, spins);
+      if (outcome == detail::wait_outcome::ready && checks <= spins + 1) {
+        consumer_spins_ = std::min(spins * 2, max_consumer_spins);
+      } else {
+        consumer_spins_ = std::max(spins / 2, min_consumer_spins);
+      }
+      if (outcome != detail::wait_outcome::ready) return outcome;
+      for (int i = 0; !ring_.readable_or_drained(); ++i) {
+        if (!ring_.pending_or_closed()) break;  // an evictor took the head item: park again
+        if (i < 256) {
+          detail::cpu_relax();
+          continue;
+        }
+        if (stop != nullptr && stop->stop_requested()) return detail::wait_outcome::cancelled;
+        if (deadline && std::chrono::steady_clock::now() >= *deadline) return detail::wait_outcome::timeout;
+        if (i < 256 + 16) {
+          std::this_thread::yield();
+        } else {
+          std::this_thread::sleep_for(std::chrono::microseconds(50));
+        }
+      }
+      if (ring_.readable_or_drained()) return detail::wait_outcome::ready;
     }
-    return outcome;
   }
 
   std::optional<T> receive_one(const deadline_type& deadline, const std::stop_token* stop, bool may_block) noexcept {

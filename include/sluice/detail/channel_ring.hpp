@@ -91,9 +91,11 @@ class channel_ring {
           end = next(end);
           ++n;
         }
-        // relaxed: which producer owns a position is decided by tail_'s modification order alone;
-        // slot contents are ordered by the stamps (above, and in publish()).
-        if (tail_.compare_exchange_weak(t, end, std::memory_order_relaxed, std::memory_order_relaxed)) {
+        // seq_cst on success: this claim is the write a parked consumer's pending_or_closed()
+        // re-check reads; the caller's following seq_cst waiter check pairs with the consumer's
+        // prepare_wait() through the total order (event_count::has_waiters_after_seq_cst_write).
+        // Relaxed on failure: we only retry. Slot contents are ordered by the stamps instead.
+        if (tail_.compare_exchange_weak(t, end, std::memory_order_seq_cst, std::memory_order_relaxed)) {
           first = t;
           count = n;
           return claim_result::ok;
@@ -180,14 +182,22 @@ class channel_ring {
     return head_.load(std::memory_order_acquire);
   }
 
-  /// True if the item at the head is published, or the ring is closed and drained. The predicate
-  /// the blocked consumer re-checks (seq_cst: pairs with a producer's seq_cst publish + waiter
-  /// check, and with close()).
+  /// True if the item at the head is published, or the ring is closed and drained.
   [[nodiscard]] bool readable_or_drained() const noexcept {
-    const pos_type h = head_.load(std::memory_order_seq_cst);
-    if (at(h).stamp.load(std::memory_order_seq_cst) == h + 1) return true;
-    const pos_type t = tail_.load(std::memory_order_seq_cst);
+    const pos_type h = head_.load(std::memory_order_acquire);  // acquire: as in head()
+    // acquire: pairs with publish().
+    if (at(h).stamp.load(std::memory_order_acquire) == h + 1) return true;
+    const pos_type t = tail_.load(std::memory_order_seq_cst);  // seq_cst: pairs with close()
     return (t & closed_bit) != 0 && (t & ~closed_bit) == h;
+  }
+
+  /// True if some producer has claimed the head position (its item is published or about to be),
+  /// or the ring is closed. The condition a consumer parks on: producers make it true with their
+  /// seq_cst claiming CAS, so they can decide whether to wake the consumer before publishing,
+  /// with no fence (seq_cst load: pairs with that CAS through the total order).
+  [[nodiscard]] bool pending_or_closed() const noexcept {
+    const pos_type t = tail_.load(std::memory_order_seq_cst);
+    return (t & closed_bit) != 0 || t != head_.load(std::memory_order_seq_cst);
   }
 
   /// Closed, and every claimed position has been read: nothing will ever come out again.
@@ -242,7 +252,7 @@ class channel_ring {
   }
 
  private:
-  struct slot {
+  struct alignas(cache_line) slot {
     std::atomic<pos_type> stamp{0};
     alignas(T) unsigned char storage[sizeof(T)];
     T* item() noexcept { return std::launder(reinterpret_cast<T*>(storage)); }

@@ -122,6 +122,18 @@ class event_count {
     return waiters_.load(std::memory_order_relaxed) != 0;
   }
 
+  /// As has_waiters(), without the fence, for a waker whose write to the waiters' condition was
+  /// itself a seq_cst read-modify-write (or seq_cst store) sequenced before this call. That write,
+  /// this seq_cst load and prepare_wait()'s seq_cst increment are all in the single total order,
+  /// which already excludes store-buffering: either this returns true, or the waiter's seq_cst
+  /// re-check of its condition sees the write. The waker then calls notify_*() if it returns true.
+  /// (sluice::channel uses it: a producer's claiming CAS is that write, so the common send makes
+  /// no fence; see channel_ring.hpp.)
+  [[nodiscard]] bool has_waiters_after_seq_cst_write() const noexcept {
+    // seq_cst: pairs with prepare_wait()'s increment through the total order (see above).
+    return waiters_.load(std::memory_order_seq_cst) != 0;
+  }
+
  private:
   void notify(bool all) noexcept {
     // seq_cst fence: orders the caller's earlier store to the condition before the waiter-count
