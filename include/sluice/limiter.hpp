@@ -97,7 +97,7 @@ class limiter {
   /// Blocks until a permit is available (FIFO). Thread-safe. Never allocates. May block.
   [[nodiscard]] permit acquire() {
     if (try_take()) return permit(this);
-    return *acquire_slow(std::nullopt, nullptr);
+    return *acquire_slow(nullptr, nullptr);
   }
 
   /// As acquire(), but returns nullopt once `stop` is requested while waiting. Thread-safe.
@@ -105,7 +105,7 @@ class limiter {
   [[nodiscard]] std::optional<permit> acquire(std::stop_token stop) {
     if (try_take()) return permit(this);
     if (stop.stop_requested()) return std::nullopt;
-    return acquire_slow(std::nullopt, &stop);
+    return acquire_slow(nullptr, &stop);
   }
 
   /// Takes a permit if one is free and nobody waits; never blocks. Thread-safe. Never allocates.
@@ -118,14 +118,16 @@ class limiter {
   template <class Rep, class Period>
   [[nodiscard]] std::optional<permit> try_acquire_for(const std::chrono::duration<Rep, Period>& timeout) {
     if (try_take()) return permit(this);
-    return acquire_slow(detail::deadline_after(timeout), nullptr);
+    const detail::steady_time deadline = detail::deadline_after(timeout);
+    return acquire_slow(&deadline, nullptr);
   }
 
   /// As acquire(), giving up at `deadline` (any clock). Thread-safe. Never allocates. May block.
   template <class Clock, class Duration>
   [[nodiscard]] std::optional<permit> try_acquire_until(const std::chrono::time_point<Clock, Duration>& deadline) {
     if (try_take()) return permit(this);
-    return acquire_slow(detail::to_steady(deadline), nullptr);
+    const detail::steady_time steady_deadline = detail::to_steady(deadline);
+    return acquire_slow(&steady_deadline, nullptr);
   }
 
   /// Blocks until no permit is held. Thread-safe. Never allocates. May block.
@@ -235,7 +237,9 @@ class limiter {
     }
   }
 
-  std::optional<permit> acquire_slow(const std::optional<detail::steady_time>& deadline, const std::stop_token* stop) {
+  // `deadline` and `stop` may be null (no limit). (A pointer rather than an optional: GCC 12's
+  // -Wmaybe-uninitialized misfires on an inlined optional<time_point>.)
+  std::optional<permit> acquire_slow(const detail::steady_time* deadline, const std::stop_token* stop) {
     // Brief spin: with nobody queued a permit may come back within a few hundred cycles.
     for (int i = 0; i < fast_spins; ++i) {
       detail::cpu_relax();
@@ -243,7 +247,7 @@ class limiter {
       // relaxed: a hint; if someone is queued, spinning cannot succeed (no barging).
       if ((state_.load(std::memory_order_relaxed) & queued_bit) != 0) break;
     }
-    if (deadline && std::chrono::steady_clock::now() >= *deadline) {
+    if (deadline != nullptr && std::chrono::steady_clock::now() >= *deadline) {
       if (try_take()) return permit(this);
       return std::nullopt;
     }
@@ -268,7 +272,9 @@ class limiter {
       // relaxed: a monitoring counter, written only under mutex_.
       waiting_.fetch_add(1, std::memory_order_relaxed);
     }
-    const bool granted = detail::await_handoff(self, mutex_, deadline, stop, [this, &self] {
+    std::optional<detail::steady_time> limit;
+    if (deadline != nullptr) limit = *deadline;
+    const bool granted = detail::await_handoff(self, mutex_, limit, stop, [this, &self] {
       waiters_.remove(&self);
       // relaxed: see push_back above.
       waiting_.fetch_sub(1, std::memory_order_relaxed);

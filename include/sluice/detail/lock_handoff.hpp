@@ -76,8 +76,8 @@ inline void grant(handoff_waiter* w) noexcept {
 /// linked (under `mutex`). Returns true if granted (the caller now owns the resource). Otherwise
 /// calls `abandon()` with `mutex` held — it must unlink `w` — and returns false. A grant that
 /// races with a timeout or cancellation wins: the waiter keeps what it was given.
-template <class Abandon>
-[[nodiscard]] bool await_handoff(handoff_waiter& w, std::mutex& mutex,
+template <class Mutex, class Abandon>
+[[nodiscard]] bool await_handoff(handoff_waiter& w, Mutex& mutex,
                                  const std::optional<steady_time>& deadline,
                                  const std::stop_token* stop, Abandon&& abandon) {
   // acquire: pairs with the release store in grant().
