@@ -46,7 +46,7 @@ TEST_CASE("key_lock_table stress: one holder per key with cancellation, timeouts
         std::atomic<bool> done{false};
         std::mutex sources_mutex;
         std::vector<std::stop_source> sources(threads);
-        const std::size_t rounds = sluice_test::scaled(1500, 10);
+        const std::size_t rounds = sluice_test::scaled(1500, 2);
         std::vector<std::jthread> pool;
         for (std::size_t t = 0; t < threads; ++t) {
           pool.emplace_back([&, t] {
@@ -120,7 +120,7 @@ TEST_CASE("key_lock_table stress: 1M distinct keys through 2 threads return the 
   const auto seed = sluice_test::seed();
   INFO("seed " << seed);
   key_lock_table<std::uint64_t> table;
-  const std::uint64_t per_thread = sluice_test::scaled(500'000, 20);
+  const std::uint64_t per_thread = sluice_test::scaled(500'000, 5);
   std::atomic<std::uint64_t> thrown{0};
   std::vector<std::jthread> pool;
   for (std::uint64_t t = 0; t < 2; ++t) {
