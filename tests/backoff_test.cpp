@@ -139,12 +139,15 @@ TEST_CASE("backoff: 1M distinct failing keys forgotten leave no state and give m
   for (std::uint64_t k = 0; k < n; ++k) (void)b.failure(k);
   CHECK(b.size() == n);
   const auto peak_buckets = b.bucket_count();
+  std::size_t bad = 0;  // one CHECK per phase, not per key: Catch2 assertions are slow in Debug
   for (std::uint64_t k = 0; k < n; ++k) {
-    if (k % 100 != 0) REQUIRE(b.forget(k));
+    if (k % 100 != 0) bad += !b.forget(k);
   }
+  CHECK(bad == 0);
   CHECK(b.size() == n / 100);
   CHECK(b.bucket_count() < peak_buckets / 4);  // shrank with the failing set
-  for (std::uint64_t k = 0; k < n; k += 100) REQUIRE(b.forget(k));
+  for (std::uint64_t k = 0; k < n; k += 100) bad += !b.forget(k);
+  CHECK(bad == 0);
   CHECK(b.size() == 0);
   CHECK(b.bucket_count() <= 64);
 }
