@@ -27,8 +27,11 @@
 // - Threads: every member function is thread-safe; any number of schedulers and of consumers. With
 //   several blocked consumers, one (the "leader") sleeps until the earliest deadline and the rest
 //   sleep without a deadline until the leader hands over, so a deadline wakes one thread, not all.
-// Never: spins while waiting for a deadline, allocates in pop/cancel, or calls user code under its
-// lock other than Key/T copies and moves, Hash and KeyEqual.
+// Never: spins while waiting (the condition is time: a spin cannot bring a deadline closer, and an
+// earlier schedule wakes the sleeper directly), scans entries, or calls user code under its lock
+// other than Key/T copies and moves, Hash and KeyEqual. pop and cancel allocate only to shrink the
+// arrays after size() fell to a quarter (amortised O(1); if that allocation fails the shrink is
+// skipped and nothing else changes).
 //
 // Example:
 //   sluice::requeue_queue<std::string, int> q;
@@ -82,6 +85,10 @@ class requeue_queue {
   using clock_type = Clock;
   using time_point = typename Clock::time_point;
   using duration = typename Clock::duration;
+  static_assert(std::chrono::duration<long double>(Clock::duration::max()) >
+                    std::chrono::duration<long double>(std::chrono::hours(24 * 365 * 200)),
+                "sluice::requeue_queue: Clock::duration must span at least 200 years (the 100-year horizon, "
+                "added to now())");
 
   /// An entry handed out by pop() / take_all().
   struct entry {
@@ -139,8 +146,8 @@ class requeue_queue {
     return schedule_impl(key, item, static_cast<const duration*>(nullptr), &deadline, policy);
   }
 
-  /// Removes the entry pending for `key`; returns whether there was one. Thread-safe. Never
-  /// allocates (may release memory). O(log n). Never wakes anyone.
+  /// Removes the entry pending for `key`; returns whether there was one. Thread-safe. O(log n),
+  /// amortised O(1) extra when it shrinks the arrays (the only allocation). Never wakes anyone.
   bool cancel(const Key& key) {
     std::lock_guard lock(mutex_);
     const auto s = heap_.find(key);
@@ -180,14 +187,14 @@ class requeue_queue {
   // ---- consuming -------------------------------------------------------------------------
 
   /// Blocks until the earliest entry is due and returns it; std::nullopt once the queue is
-  /// closed. Thread-safe. Never allocates. May block.
+  /// closed. Thread-safe. May block. Allocates only to shrink (see the file comment).
   [[nodiscard]] std::optional<entry> pop() { return pop_impl(std::nullopt, nullptr); }
 
   /// As pop(), but also returns std::nullopt when `stop` is triggered. Thread-safe. May block.
   [[nodiscard]] std::optional<entry> pop(std::stop_token stop) { return pop_impl(std::nullopt, &stop); }
 
   /// The earliest entry if it is due now, else std::nullopt (also when closed). Thread-safe.
-  /// Never allocates. Never blocks (other than on the internal lock).
+  /// Never blocks (other than on the internal lock). Allocates only to shrink.
   [[nodiscard]] std::optional<entry> try_pop() {
     std::unique_lock lock(mutex_);
     if (closed_ || heap_.empty() || heap_.top_deadline() > clock_.now()) return std::nullopt;
