@@ -19,8 +19,10 @@
 // the count drops to 0 and rises again only when the woken threads come back to wait — never
 // counting a thread that has not yet seen the new time. A consumer-driven component (requeue_queue
 // with try_pop) needs none of this: a try_pop after advance() sees the due entries directly.
-// Caveat: a thread that, after waking, blocks on something that is *not* this clock (a mutex, a
+// Caveats: a thread that, after waking, blocks on something that is *not* this clock (a mutex, a
 // channel that does not wait through the clock) is not counted until it parks on the clock again.
+// A thread woken by its component's own notification (not by advance()) stays counted until it
+// runs; so use the count right after advance()/set(), with no due-now work scheduled concurrently.
 //
 // Guarantees: time never goes backwards (advance by a negative duration or set() to an earlier
 // time throws std::invalid_argument). A time change happens-before the return of every wait it
