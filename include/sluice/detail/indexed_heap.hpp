@@ -295,6 +295,27 @@ class indexed_heap {
     const node last = heap_.back();
     heap_.pop_back();
     if (pos == heap_.size()) return;
+    if (pos == 0) {
+      // Floyd's bottom-up deletion: the last leaf almost always belongs near the bottom again, so
+      // walk the hole down along the smaller children (3 comparisons per level instead of 4),
+      // then sift the leaf up from there (usually zero or one level).
+      const std::size_t n = heap_.size();
+      std::size_t hole = 0;
+      for (;;) {
+        const std::size_t first = hole * 4 + 1;
+        if (first >= n) break;
+        std::size_t best = first;
+        const std::size_t end = std::min(first + 4, n);
+        for (std::size_t c = first + 1; c < end; ++c) {
+          if (before(heap_[c], heap_[best])) best = c;
+        }
+        place(hole, heap_[best]);
+        hole = best;
+      }
+      heap_[hole] = last;
+      sift_up(hole);
+      return;
+    }
     heap_[pos] = last;
     index_[last.bucket].heap_pos = static_cast<std::uint32_t>(pos);
     restore(pos);
