@@ -1,7 +1,13 @@
 // sluice/sluice.hpp — umbrella header: includes every public sluice component.
 //
 // For convenience only; every header stands alone, and including just what you use keeps build
-// times down.
+// times down. The test clock (sluice/testing/manual_clock.hpp) is not included here.
 #pragma once
 
+#include "backoff.hpp"
 #include "channel.hpp"
+#include "clock.hpp"
+#include "key_lock_table.hpp"
+#include "limiter.hpp"
+#include "requeue_queue.hpp"
+#include "task_group.hpp"
