@@ -120,6 +120,7 @@ class channel {
       : mode_(validate(options)),
         on_drop_(std::move(options.on_drop)),
         wake_batch_(std::max<std::size_t>(1, options.capacity / 4)),
+        space_chunk_(std::max<std::size_t>(1, options.capacity / 8)),
         ring_(options.capacity, options.full_mode == channel_full_mode::drop_oldest) {}
 
   channel(const channel&) = delete;
@@ -310,22 +311,40 @@ class channel {
     });
   }
 
-  // Right after a successful claim: must the consumer be woken once the items are published?
-  // The claim was a seq_cst CAS on the condition the consumer parks on, so no fence is needed.
-  [[nodiscard]] bool consumer_parked() const noexcept { return not_empty_.has_waiters_after_seq_cst_write(); }
+  // Right after a successful claim: must this producer wake the consumer once its items are
+  // published? Only if the consumer is registered to park, and only the first producer to see that
+  // (consumer_woken_): one system call per consumer sleep, however many producers send meanwhile.
+  // The claim was a seq_cst CAS on the condition the consumer parks on, so no fence is needed; why
+  // the flag cannot lose a wake-up is explained at park_consumer().
+  [[nodiscard]] bool must_wake_consumer() noexcept {
+    return not_empty_.has_waiters_after_seq_cst_write() &&
+           !consumer_woken_.exchange(true, std::memory_order_seq_cst);  // seq_cst: see park_consumer()
+  }
 
-  // Waits until the position at the tail is free or the channel closed.
+  // Producer, full_mode::wait: waits until an eighth of the capacity is free (or the channel closed).
+  // Waiting for a chunk rather than one slot is what keeps a full channel fast: otherwise every
+  // slot the consumer frees is fought over at once, and the consumer's head_ line bounces between
+  // cores on every item. The spin backs off exponentially for the same reason, then the producer
+  // parks; the consumer wakes parked producers once a quarter is free or when it runs dry, so the
+  // condition then holds. A send whose deadline passes still takes any single free slot (see
+  // send_one), so only its timing, never its outcome, depends on the chunk.
   detail::wait_outcome wait_for_space(const deadline_type& deadline, const std::stop_token* stop) noexcept {
-    return detail::block_until(not_full_, [this] { return ring_.has_space_or_closed(); }, deadline, stop);
+    auto ready = [this] { return ring_.has_space_or_closed(space_chunk_); };
+    for (int pause = 1, total = 0; total < producer_spin_pauses; total += pause, pause = std::min(2 * pause, 32)) {
+      for (int i = 0; i < pause; ++i) detail::cpu_relax();
+      if (ready()) return detail::wait_outcome::ready;
+    }
+    return detail::block_until(not_full_, ready, deadline, stop, 0);
   }
 
   channel_status send_one(T& value, const deadline_type& deadline, const std::stop_token* stop, bool may_block) noexcept {
+    bool timed_out = false;
     for (int evict_tries = 0;;) {
       pos_type pos{};
       std::size_t n = 0;
       const auto claimed = ring_.claim(1, pos, n);
       if (claimed == detail::claim_result::ok) {
-        const bool wake = consumer_parked();
+        const bool wake = must_wake_consumer();
         ::new (static_cast<void*>(ring_.slot_storage(pos))) T(std::move(value));
         ring_.publish(pos);
         if (wake) not_empty_.notify_one();
@@ -345,10 +364,10 @@ class channel {
           if (!evict_one()) backoff(evict_tries);
           break;
         case channel_full_mode::wait:
-          if (!may_block) return channel_status::full;
+          if (!may_block) return timed_out ? channel_status::timeout : channel_status::full;
           switch (wait_for_space(deadline, stop)) {
             case detail::wait_outcome::ready: break;
-            case detail::wait_outcome::timeout: return channel_status::timeout;
+            case detail::wait_outcome::timeout: timed_out = true; may_block = false; break;  // one last try
             case detail::wait_outcome::cancelled: return channel_status::cancelled;
           }
           break;
@@ -364,7 +383,7 @@ class channel {
       std::size_t n = 0;
       const auto claimed = ring_.claim(items.size() - done, first, n);
       if (claimed == detail::claim_result::ok) {
-        const bool wake = consumer_parked();
+        const bool wake = must_wake_consumer();
         pos_type p = first;
         for (std::size_t i = 0; i < n; ++i, p = ring_.next(p)) {
           ::new (static_cast<void*>(ring_.slot_storage(p))) T(std::move(items[done + i]));
@@ -390,7 +409,11 @@ class channel {
           break;
         case channel_full_mode::wait:
           if (!may_block) return done;
-          if (wait_for_space(deadline, stop) != detail::wait_outcome::ready) return done;
+          switch (wait_for_space(deadline, stop)) {
+            case detail::wait_outcome::ready: break;
+            case detail::wait_outcome::timeout: may_block = false; break;  // one last try
+            case detail::wait_outcome::cancelled: return done;
+          }
           break;
       }
     }
@@ -406,12 +429,14 @@ class channel {
     }
   }
 
-  // Consumer: after freeing slots, wake parked producers once a quarter of the capacity is free.
+  // Consumer: after freeing slots, wake one parked producer once a quarter of the capacity is
+  // free (it refills a quarter faster than the consumer drains it; waking them all would only
+  // crowd the cores the consumer needs). All of them are woken when the consumer runs dry.
   void freed(std::size_t n) noexcept {
     freed_since_wake_ += n;
     if (freed_since_wake_ >= wake_batch_) {
       freed_since_wake_ = 0;
-      not_full_.notify_all();
+      not_full_.notify_one();
     }
   }
 
@@ -432,17 +457,8 @@ class channel {
   // awaited here by spinning, then yielding, then polling every 50 us: that lasts only while a
   // producer is descheduled between its claim and its publish (a few instructions otherwise).
   detail::wait_outcome wait_for_item(const deadline_type& deadline, const std::stop_token* stop) noexcept {
-    flush_wakes();
     for (;;) {
-      int checks = 0;
-      const int spins = consumer_spins_;
-      const auto outcome = detail::block_until(
-          not_empty_, [&] { ++checks; return ring_.pending_or_closed(); }, deadline, stop, spins);
-      if (outcome == detail::wait_outcome::ready && checks <= spins + 1) {
-        consumer_spins_ = std::min(spins * 2, max_consumer_spins);
-      } else {
-        consumer_spins_ = std::max(spins / 2, min_consumer_spins);
-      }
+      const auto outcome = park_consumer(deadline, stop);
       if (outcome != detail::wait_outcome::ready) return outcome;
       for (int i = 0; !ring_.readable_or_drained(); ++i) {
         if (!ring_.pending_or_closed()) break;  // an evictor took the head item: park again
@@ -462,20 +478,77 @@ class channel {
     }
   }
 
+  // The consumer's spin-then-park, as detail::block_until() but with one addition: after
+  // registering it clears consumer_woken_, so the next producer that sees it registered wakes it.
+  // No lost wake-up: registration (seq_cst RMW), the clear (seq_cst store) and the re-check of
+  // tail_ (seq_cst load) are in that order in the single total order S; a producer's claim (seq_cst
+  // CAS), its waiter check (seq_cst load) and its exchange (seq_cst RMW) likewise. If the producer
+  // misses the registration, the re-check sees its claim. If its exchange reads a stale `true`,
+  // the exchange precedes the clear in S, so again the re-check sees the claim. Otherwise it wins
+  // the exchange and notifies after publishing.
+  detail::wait_outcome park_consumer(const deadline_type& deadline, const std::stop_token* stop) noexcept {
+    // Spin on the head slot's stamp only: it is the line the next item's producer writes anyway,
+    // whereas polling tail_ would steal the producers' hottest line on every iteration.
+    const int spins = consumer_spins_;
+    for (int i = 0; i < spins; ++i) {
+      if (ring_.readable()) {
+        consumer_spins_ = std::min(spins * 2, max_consumer_spins);  // spinning paid: spin longer
+        return detail::wait_outcome::ready;
+      }
+      detail::cpu_relax();
+    }
+    consumer_spins_ = std::max(spins / 2, min_consumer_spins);  // it did not: spin less next time
+    if (ring_.pending_or_closed()) return detail::wait_outcome::ready;
+    flush_wakes();              // about to park: producers waiting for the slots we freed go first
+    std::this_thread::yield();  // lets a preempted producer on this core finish first
+
+    auto park = [&]() noexcept -> detail::wait_outcome {
+      for (;;) {
+        const auto key = not_empty_.prepare_wait();
+        consumer_woken_.store(false, std::memory_order_seq_cst);  // seq_cst: see above
+        if (ring_.pending_or_closed()) {
+          not_empty_.cancel_wait();
+          return detail::wait_outcome::ready;
+        }
+        if (stop != nullptr && stop->stop_requested()) {
+          not_empty_.cancel_wait();
+          return detail::wait_outcome::cancelled;
+        }
+        if (deadline) {
+          if (!not_empty_.wait_until(key, *deadline)) {
+            return ring_.pending_or_closed() ? detail::wait_outcome::ready : detail::wait_outcome::timeout;
+          }
+        } else {
+          not_empty_.wait(key);
+        }
+      }
+    };
+    if (stop != nullptr && stop->stop_possible()) {
+      std::stop_callback on_stop(*stop, [this]() noexcept { not_empty_.notify_all(); });
+      return park();
+    }
+    return park();
+  }
+
   std::optional<T> receive_one(const deadline_type& deadline, const std::stop_token* stop, bool may_block) noexcept {
     std::optional<T> out;
+    auto sink = [&out](T&& item) noexcept { out.emplace(std::move(item)); };
     for (;;) {
-      if (ring_.read(1, [&out](T&& item) noexcept { out.emplace(std::move(item)); }) != 0) {
+      if (ring_.read(1, sink) != 0) {
         freed(1);
         return out;
       }
-      if (!may_block || ring_.drained()) {
+      if (!may_block || drained_seen_) {
         flush_wakes();
         return out;
       }
-      if (wait_for_item(deadline, stop) != detail::wait_outcome::ready) {
-        // One last look: an item that arrived with the deadline is still delivered.
-        if (ring_.read(1, [&out](T&& item) noexcept { out.emplace(std::move(item)); }) != 0) freed(1);
+      const auto outcome = wait_for_item(deadline, stop);
+      if (ring_.read(1, sink) != 0) {  // also the last look after a timeout or a stop
+        freed(1);
+        return out;
+      }
+      if (outcome != detail::wait_outcome::ready || (drained_seen_ = ring_.drained())) {
+        flush_wakes();
         return out;
       }
     }
@@ -492,27 +565,34 @@ class channel {
         freed(n);
         return n;
       }
-      if (!may_block || ring_.drained()) {
+      if (!may_block || drained_seen_) {
         flush_wakes();
         return 0;
       }
-      if (wait_for_item(deadline, stop) != detail::wait_outcome::ready) {
-        const std::size_t n = ring_.read(max, sink);
+      const auto outcome = wait_for_item(deadline, stop);
+      if (const std::size_t n = ring_.read(max, sink); n != 0) {  // also the last look
         freed(n);
         return n;
+      }
+      if (outcome != detail::wait_outcome::ready || (drained_seen_ = ring_.drained())) {
+        flush_wakes();
+        return 0;
       }
     }
   }
 
+  static constexpr int producer_spin_pauses = 256;  // ~6 us before a producer parks
   static constexpr int min_consumer_spins = 32;    // ~1 us of pause on current x86
   static constexpr int max_consumer_spins = 1024;  // ~25 us: bounded, however well spinning pays
 
   const channel_full_mode mode_;
   const std::function<void(T&&)> on_drop_;
-  const std::size_t wake_batch_;
+  const std::size_t wake_batch_;   // freed slots per producer wake-up: capacity / 4
+  const std::size_t space_chunk_;  // free slots a waiting producer waits for: capacity / 8
   ring_type ring_;
   // Consumer-private state (one consumer at a time): not atomic, never touched by producers.
   std::size_t freed_since_wake_ = 0;
+  bool drained_seen_ = false;  // closed and drained is final: later receives return at once
   int consumer_spins_ = 256;
   // Slow-path counters, on their own line: producers touch them only when dropping.
   alignas(detail::cache_line) std::atomic<std::uint64_t> dropped_oldest_{0};
@@ -521,6 +601,7 @@ class channel {
   // Each event_count on its own line: producers park on not_full_, the consumer on not_empty_.
   alignas(detail::cache_line) detail::event_count not_full_;
   alignas(detail::cache_line) detail::event_count not_empty_;
+  std::atomic<bool> consumer_woken_{false};  // see park_consumer()
 };
 
 /// Input iterator over a channel's items; reaching end() means closed and drained.
