@@ -19,10 +19,14 @@
 //  - close() is idempotent and safe from any thread; it wakes every blocked producer (they return
 //    closed) and the consumer. Items accepted before the close are still received; receive returns
 //    std::nullopt only once the channel is closed and drained.
-//  - Blocking calls spin briefly, then park; a sender or receiver makes a system call only when the
-//    other side is parked. Blocked producers are woken in bunches: when a quarter of the capacity has
-//    drained, or when the consumer runs out of items (the buffer stays >= 3/4 full until then, so
-//    the consumer never starves for it).
+//  - Blocking calls spin briefly (the consumer adaptively, a few to ~50 us, yielding as it goes),
+//    then park; a sender or receiver makes a system call only when the other side is parked, and
+//    producers wake a parked consumer once per sleep, not once per item.
+//  - A producer blocked on a full channel resumes in bunches, never slot by slot: once an eighth of
+//    the capacity is free (while it spins), or when the consumer wakes it (one parked producer per
+//    quarter of the capacity drained, all of them when the consumer runs out of items). Until then
+//    the buffer stays at least 3/4 full, so the consumer never starves for it. A timed send whose
+//    deadline passes still takes any free slot rather than report a timeout.
 //
 // What it never does: allocate after construction (the ring is allocated once; receive_batch grows
 // only your vector, and only if it lacks room), grow beyond its capacity, busy-wait, throw from a
@@ -334,6 +338,12 @@ class channel {
       for (int i = 0; i < pause; ++i) detail::cpu_relax();
       if (ready()) return detail::wait_outcome::ready;
     }
+    // Then yield a few times: with more producers than cores, the consumer we wait for may be
+    // queued behind us on this core, and a yield lets it run without the cost of a park/wake.
+    for (int i = 0; i < producer_yields; ++i) {
+      std::this_thread::yield();
+      if (ready()) return detail::wait_outcome::ready;
+    }
     return detail::block_until(not_full_, ready, deadline, stop, 0);
   }
 
@@ -489,13 +499,20 @@ class channel {
   detail::wait_outcome park_consumer(const deadline_type& deadline, const std::stop_token* stop) noexcept {
     // Spin on the head slot's stamp only: it is the line the next item's producer writes anyway,
     // whereas polling tail_ would steal the producers' hottest line on every iteration.
+    // Every 64 pauses (~1.5 us) it yields: when the producer it waits for shares this core (a busy
+    // machine), that hands it the core at once instead of burning the rest of the spin; when
+    // nobody else wants the core, a yield returns immediately.
     const int spins = consumer_spins_;
     for (int i = 0; i < spins; ++i) {
       if (ring_.readable()) {
         consumer_spins_ = std::min(spins * 2, max_consumer_spins);  // spinning paid: spin longer
         return detail::wait_outcome::ready;
       }
-      detail::cpu_relax();
+      if ((i & 15) == 15) {
+        std::this_thread::yield();
+      } else {
+        detail::cpu_relax();
+      }
     }
     consumer_spins_ = std::max(spins / 2, min_consumer_spins);  // it did not: spin less next time
     if (ring_.pending_or_closed()) return detail::wait_outcome::ready;
@@ -581,9 +598,13 @@ class channel {
     }
   }
 
-  static constexpr int producer_spin_pauses = 256;  // ~6 us before a producer parks
-  static constexpr int min_consumer_spins = 32;    // ~1 us of pause on current x86
-  static constexpr int max_consumer_spins = 1024;  // ~25 us: bounded, however well spinning pays
+  static constexpr int producer_spin_pauses = 64;  // ~1.5 us of pause, polling 7 times
+  static constexpr int producer_yields = 16;       // then up to 16 yields before parking
+  // The consumer's spin adapts between about a futex wake-up's cost (~6 us: below that, a partner
+  // that just parked can never be caught, and both sides would settle into paying a park/wake
+  // per hand-off) and twice it (~50 us at most, however well spinning pays).
+  static constexpr int min_consumer_spins = 256;   // pauses; ~25 ns each on current x86
+  static constexpr int max_consumer_spins = 2048;
 
   const channel_full_mode mode_;
   const std::function<void(T&&)> on_drop_;
@@ -593,7 +614,7 @@ class channel {
   // Consumer-private state (one consumer at a time): not atomic, never touched by producers.
   std::size_t freed_since_wake_ = 0;
   bool drained_seen_ = false;  // closed and drained is final: later receives return at once
-  int consumer_spins_ = 256;
+  int consumer_spins_ = 512;
   // Slow-path counters, on their own line: producers touch them only when dropping.
   alignas(detail::cache_line) std::atomic<std::uint64_t> dropped_oldest_{0};
   std::atomic<std::uint64_t> dropped_newest_{0};
