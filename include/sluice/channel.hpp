@@ -179,10 +179,12 @@ class channel {
   }
   /// Sends as many as fit now. Never blocks.
   std::size_t try_send_batch(std::span<T> items) noexcept { return send_many(items, std::nullopt, nullptr, false); }
+  /// As send_batch(), but gives up waiting for space after `timeout`. May block.
   template <class Rep, class Period>
   std::size_t try_send_batch_for(std::span<T> items, const std::chrono::duration<Rep, Period>& timeout) noexcept {
     return send_many(items, detail::deadline_after(timeout), nullptr, true);
   }
+  /// As send_batch(), but gives up waiting for space at `deadline` (any clock). May block.
   template <class Clock, class Duration>
   std::size_t try_send_batch_until(std::span<T> items, const std::chrono::time_point<Clock, Duration>& deadline) noexcept {
     return send_many(items, detail::to_steady(deadline), nullptr, true);
@@ -198,10 +200,12 @@ class channel {
   [[nodiscard]] std::optional<T> receive(std::stop_token stop) noexcept { return receive_one(std::nullopt, &stop, true); }
   /// The next item if one is ready now. Consumer only. Never blocks.
   [[nodiscard]] std::optional<T> try_receive() noexcept { return receive_one(std::nullopt, nullptr, false); }
+  /// Waits at most `timeout` for the next item. Consumer only. May block.
   template <class Rep, class Period>
   [[nodiscard]] std::optional<T> try_receive_for(const std::chrono::duration<Rep, Period>& timeout) noexcept {
     return receive_one(detail::deadline_after(timeout), nullptr, true);
   }
+  /// Waits until `deadline` (any clock) for the next item. Consumer only. May block.
   template <class Clock, class Duration>
   [[nodiscard]] std::optional<T> try_receive_until(const std::chrono::time_point<Clock, Duration>& deadline) noexcept {
     return receive_one(detail::to_steady(deadline), nullptr, true);
@@ -221,10 +225,12 @@ class channel {
   }
   /// Whatever is ready now (possibly 0). Never blocks.
   std::size_t try_receive_batch(std::vector<T>& out, std::size_t max) { return receive_many(out, max, std::nullopt, nullptr, false); }
+  /// Waits at most `timeout` for the first item (0 if none came). May block.
   template <class Rep, class Period>
   std::size_t try_receive_batch_for(std::vector<T>& out, std::size_t max, const std::chrono::duration<Rep, Period>& timeout) {
     return receive_many(out, max, detail::deadline_after(timeout), nullptr, true);
   }
+  /// Waits until `deadline` (any clock) for the first item (0 if none came). May block.
   template <class Clock, class Duration>
   std::size_t try_receive_batch_until(std::vector<T>& out, std::size_t max,
                                       const std::chrono::time_point<Clock, Duration>& deadline) {
@@ -246,7 +252,7 @@ class channel {
     return first;
   }
 
-  /// Thread-safe. Never blocks.
+  // Observers: thread-safe, never block, never allocate.
   [[nodiscard]] bool is_closed() const noexcept { return ring_.is_closed(); }
   /// Closed, and every accepted item has been received or dropped: nothing more will come out.
   [[nodiscard]] bool is_drained() const noexcept { return ring_.drained(); }

@@ -79,7 +79,7 @@ void run(const run_config& cfg) {
   std::mt19937_64 rng(cfg.seed);
   const std::size_t capacities[] = {1, 2, 3, 7, 64, 1000};
   const std::size_t capacity = capacities[rng() % std::size(capacities)];
-  const std::size_t per_producer = sluice_test::scaled(40'000) / static_cast<std::size_t>(cfg.producers);
+  const std::size_t per_producer = sluice_test::scaled(40'000, 4) / static_cast<std::size_t>(cfg.producers);
   const std::size_t total = per_producer * static_cast<std::size_t>(cfg.producers);
   // Who closes: 0 = the consumer after close_at items, 1 = producer 0 after close_at sends,
   // 2 = the main thread once every producer is done.
