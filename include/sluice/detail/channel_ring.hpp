@@ -238,7 +238,17 @@ class channel_ring {
   }
 
  private:
-  struct slot {
+  // Slots never straddle a cache line: small ones are padded to a power of two (an 8-byte item
+  // makes a 16-byte slot, four to a line), larger ones to whole lines. A slot split across two
+  // lines shares both with its neighbours, which costs up to 2x on 64-byte items.
+  struct slot_layout {
+    std::atomic<pos_type> stamp;
+    alignas(T) unsigned char storage[sizeof(T)];
+  };
+  static constexpr std::size_t slot_align =
+      std::max(alignof(slot_layout),
+               sizeof(slot_layout) <= cache_line ? std::bit_ceil(sizeof(slot_layout)) : cache_line);
+  struct alignas(slot_align) slot {
     std::atomic<pos_type> stamp{0};
     alignas(T) unsigned char storage[sizeof(T)];
     T* item() noexcept { return std::launder(reinterpret_cast<T*>(storage)); }
