@@ -7,6 +7,7 @@
 #include "test_support.hpp"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <fstream>
@@ -50,6 +51,15 @@ void await_parked(const std::atomic<pid_t>& tid) {
   while (tid.load() == 0) std::this_thread::yield();
   while (!is_sleeping(tid.load())) std::this_thread::yield();
 }
+
+// 200 bytes: too big to share a cache line with its stamp, so stored apart from it.
+struct big {
+  static inline std::atomic<int> live{0};
+  std::array<std::uint64_t, 25> words{};
+  explicit big(std::uint64_t v) { words.fill(v); ++live; }
+  big(big&& other) noexcept : words(other.words) { ++live; }
+  ~big() { --live; }
+};
 
 // Counts live instances, to check that nothing is leaked or destroyed twice.
 struct tracked {
@@ -573,6 +583,31 @@ TEST_CASE("channel: the destructor destroys queued items exactly once") {
     CHECK(tracked::live == 6);
   }
   CHECK(tracked::live == 0);
+}
+
+TEST_CASE("channel: large items (stored apart from their stamps) keep order and lifetime") {
+  {
+    channel<big> ch(5);
+    std::uint64_t next_in = 0, next_out = 0;
+    bool intact = true;
+    for (int round = 0; round < 7; ++round) {  // several laps, partial fills
+      while (ch.try_send(big(next_in)) == channel_status::ok) ++next_in;
+      for (int i = 0; i < 3; ++i) {
+        auto v = ch.try_receive();
+        REQUIRE(v);
+        intact = intact && v->words.front() == next_out && v->words.back() == next_out;
+        ++next_out;
+      }
+    }
+    CHECK(intact);
+    CHECK(ch.size() == 2);
+    CHECK(big::live == 2);
+    std::vector<big> rest;
+    CHECK(ch.try_receive_batch(rest, 10) == 2);
+    CHECK(rest[1].words[7] == next_out + 1);
+    REQUIRE(ch.try_send(big(99)) == channel_status::ok);
+  }
+  CHECK(big::live == 0);
 }
 
 TEST_CASE("channel: a consumer blocked in receive() for one second uses no CPU") {
