@@ -132,41 +132,18 @@ template <clock_source Clock, class Ready>
 [[nodiscard]] wait_outcome block_on_clock(const Clock& clock, event_count& ec, Ready&& ready,
                                           const std::optional<typename Clock::time_point>& deadline,
                                           const std::stop_token* stop, int spins = default_spins) {
-  for (int i = 0; i < spins; ++i) {
-    if (ready()) return wait_outcome::ready;
-    cpu_relax();
-  }
-  if (ready()) return wait_outcome::ready;
-
-  auto park = [&]() -> wait_outcome {
-    for (;;) {
-      const auto key = ec.prepare_wait();
-      if (ready()) {
-        ec.cancel_wait();
-        return wait_outcome::ready;
-      }
-      if (stop != nullptr && stop->stop_requested()) {
-        ec.cancel_wait();
-        return wait_outcome::cancelled;
-      }
-      if (deadline) {
-        if (clock.now() >= *deadline) {
-          ec.cancel_wait();
-          return wait_outcome::timeout;
-        }
-        clock.wait_until(ec, key, *deadline);
-      } else {
-        clock.wait(ec, key);
-      }
+  return block_with(ec, ready, stop, spins, [&](event_count::key_type key) {
+    if (!deadline) {
+      clock.wait(ec, key);
+      return true;
     }
-  };
-
-  if (stop != nullptr && stop->stop_possible()) {
-    // Wakes every parker on this event count; each re-checks its own condition and token.
-    std::stop_callback on_stop(*stop, [&ec]() noexcept { ec.notify_all(); });
-    return park();
-  }
-  return park();
+    if (clock.now() >= *deadline) {
+      ec.cancel_wait();
+      return false;
+    }
+    clock.wait_until(ec, key, *deadline);
+    return true;
+  });
 }
 
 }  // namespace detail

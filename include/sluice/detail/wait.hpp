@@ -58,13 +58,13 @@ template <class Clock, class Duration>
 /// long spin steals the CPU from the very thread that would make the condition true.
 inline constexpr int default_spins = 64;
 
-/// Waits until ready() holds. `deadline` may be nullopt (no limit); `stop` may be null.
-/// Returns ready as soon as ready() is observed true, even if the deadline also passed.
-template <class Ready>
-[[nodiscard]] wait_outcome block_until(event_count& ec, Ready&& ready,
-                                       const std::optional<steady_time>& deadline,
-                                       const std::stop_token* stop,
-                                       int spins = default_spins) {
+/// The one spin-then-park loop. `park(key)` parks after prepare_wait() returned `key` and the
+/// condition was re-checked false, consuming the registration; it returns false once its deadline
+/// has been reached (then ready() is checked one last time). block_until() below and
+/// block_on_clock() in clock.hpp differ only in the `park` they pass.
+template <class Ready, class Park>
+[[nodiscard]] wait_outcome block_with(event_count& ec, Ready&& ready, const std::stop_token* stop,
+                                      int spins, Park&& park) {
   for (int i = 0; i < spins; ++i) {
     if (ready()) return wait_outcome::ready;
     cpu_relax();
@@ -73,7 +73,7 @@ template <class Ready>
   // A yield lets a preempted waker on the same core finish before we pay for a park.
   std::this_thread::yield();
 
-  auto park = [&]() -> wait_outcome {
+  auto park_loop = [&]() -> wait_outcome {
     for (;;) {
       const auto key = ec.prepare_wait();
       if (ready()) {
@@ -84,13 +84,7 @@ template <class Ready>
         ec.cancel_wait();
         return wait_outcome::cancelled;
       }
-      if (deadline) {
-        if (!ec.wait_until(key, *deadline)) {
-          return ready() ? wait_outcome::ready : wait_outcome::timeout;
-        }
-      } else {
-        ec.wait(key);
-      }
+      if (!park(key)) return ready() ? wait_outcome::ready : wait_outcome::timeout;
     }
   };
 
@@ -98,9 +92,25 @@ template <class Ready>
     // Wakes every parker on this event count; each re-checks its own condition and token.
     // Registered only on the slow path, so the fast path never touches the stop state.
     std::stop_callback on_stop(*stop, [&ec]() noexcept { ec.notify_all(); });
-    return park();
+    return park_loop();
   }
-  return park();
+  return park_loop();
+}
+
+/// Waits until ready() holds. `deadline` may be nullopt (no limit); `stop` may be null.
+/// Returns ready as soon as ready() is observed true, even if the deadline also passed.
+template <class Ready>
+[[nodiscard]] wait_outcome block_until(event_count& ec, Ready&& ready,
+                                       const std::optional<steady_time>& deadline,
+                                       const std::stop_token* stop,
+                                       int spins = default_spins) {
+  return block_with(ec, ready, stop, spins, [&](event_count::key_type key) {
+    if (!deadline) {
+      ec.wait(key);
+      return true;
+    }
+    return ec.wait_until(key, *deadline);
+  });
 }
 
 }  // namespace sluice::detail
