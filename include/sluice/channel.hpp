@@ -508,22 +508,31 @@ class channel {
     // Every 64 pauses (~1.5 us) it yields: when the producer it waits for shares this core (a busy
     // machine), that hands it the core at once instead of burning the rest of the spin; when
     // nobody else wants the core, a yield returns immediately.
+    //
+    // But yields must not become the only way the two sides hand off: when the producer we wait
+    // for shares this core, each side runs a few microseconds and yields to the other, both look
+    // cache-hot, and the scheduler never moves either to an idle core (seen: ~280,000 context
+    // switches/s, half the throughput). A yield that took long means another thread ran here;
+    // after a few such yields in a row the consumer parks instead, and the producer's futex
+    // wake-up is what lets the scheduler place it on an idle core.
     const int spins = consumer_spins_;
-    for (int i = 0; i < spins; ++i) {
+    bool shared_core = shared_core_yields_ >= max_shared_core_yields;
+    for (int i = 0; i < spins && !shared_core; ++i) {
       if (ring_.readable()) {
         consumer_spins_ = std::min(spins * 2, max_consumer_spins);  // spinning paid: spin longer
         return detail::wait_outcome::ready;
       }
       if ((i & 15) == 15) {
-        std::this_thread::yield();
+        shared_core = timed_yield();
       } else {
         detail::cpu_relax();
       }
     }
-    consumer_spins_ = std::max(spins / 2, min_consumer_spins);  // it did not: spin less next time
+    if (!shared_core) consumer_spins_ = std::max(spins / 2, min_consumer_spins);  // did not pay: spin less
     if (ring_.pending_or_closed()) return detail::wait_outcome::ready;
-    flush_wakes();              // about to park: producers waiting for the slots we freed go first
-    std::this_thread::yield();  // lets a preempted producer on this core finish first
+    flush_wakes();  // about to park: producers waiting for the slots we freed go first
+    if (!shared_core) std::this_thread::yield();  // lets a preempted producer on this core finish first
+    shared_core_yields_ = 0;
 
     auto park = [&]() noexcept -> detail::wait_outcome {
       for (;;) {
@@ -551,6 +560,18 @@ class channel {
       return park();
     }
     return park();
+  }
+
+  // Consumer: yields, and returns true once yields that let another thread run on this core (it took
+  // over shared_core_yield) have come max_shared_core_yields times in a row.
+  bool timed_yield() noexcept {
+    const auto start = std::chrono::steady_clock::now();
+    std::this_thread::yield();
+    if (std::chrono::steady_clock::now() - start < shared_core_yield) {
+      shared_core_yields_ = 0;
+      return false;
+    }
+    return ++shared_core_yields_ >= max_shared_core_yields;
   }
 
   std::optional<T> receive_one(const deadline_type& deadline, const std::stop_token* stop, bool may_block) noexcept {
@@ -611,6 +632,9 @@ class channel {
   // per hand-off) and twice it (~50 us at most, however well spinning pays).
   static constexpr int min_consumer_spins = 256;   // pauses; ~25 ns each on current x86
   static constexpr int max_consumer_spins = 2048;
+  // A yield this long let another thread run on this core (an uncontended one returns in < 1 us).
+  static constexpr std::chrono::microseconds shared_core_yield{2};
+  static constexpr int max_shared_core_yields = 4;  // such yields in a row: park instead of yielding
 
   const channel_full_mode mode_;
   const std::function<void(T&&)> on_drop_;
@@ -621,6 +645,7 @@ class channel {
   std::size_t freed_since_wake_ = 0;
   bool drained_seen_ = false;  // closed and drained is final: later receives return at once
   int consumer_spins_ = 512;
+  int shared_core_yields_ = 0;  // consecutive yields during which another thread ran on this core
   // Slow-path counters, on their own line: producers touch them only when dropping.
   alignas(detail::cache_line) std::atomic<std::uint64_t> dropped_oldest_{0};
   std::atomic<std::uint64_t> dropped_newest_{0};
