@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds the benchmarks (bench preset: g++ Release) and runs each binary with 3 repetitions in
+# random interleaving, so sluice and its peers share the same machine conditions. Writes JSON to
+# build/bench/results/ and prints the median table with sluice-vs-peer ratios.
+#
+# Usage: scripts/bench.sh [component ...]   (default: every bench/*_bench.cpp; e.g. "channel")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+cmake --preset bench >/dev/null
+cmake --build --preset bench
+
+mkdir -p build/bench/results
+components=("$@")
+if [[ ${#components[@]} -eq 0 ]]; then
+  for f in bench/*_bench.cpp; do components+=("$(basename "$f" _bench.cpp)"); done
+fi
+for c in "${components[@]}"; do
+  out="build/bench/results/${c}.json"
+  echo "==== ${c}_bench ===="
+  "build/bench/bench/${c}_bench" --benchmark_repetitions="${SLUICE_BENCH_REPS:-3}" \
+    --benchmark_enable_random_interleaving=true --benchmark_display_aggregates_only=true \
+    --benchmark_out="$out" --benchmark_out_format=json
+  python3 scripts/bench_report.py "$out"
+done
