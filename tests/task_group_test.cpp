@@ -264,3 +264,41 @@ TEST_CASE("task_group: an idle group uses no CPU") {
   const auto used = sluice_test::process_cpu_time() - before;
   CHECK(used < 50ms);
 }
+
+TEST_CASE("task_group: an on_error hook receives every failure as it happens and nothing is stored") {
+  const int tasks = static_cast<int>(sluice_test::scaled(20000));
+  std::atomic<int> reported{0};
+  std::atomic<int> ran{0};
+  {
+    sluice::task_group group(4, [&](std::exception_ptr e) {
+      try {
+        std::rethrow_exception(e);
+      } catch (const std::runtime_error&) {
+        ++reported;
+      }
+    });
+    for (int i = 0; i < tasks; ++i) {
+      group.spawn([&ran, i] {
+        ++ran;
+        if (i % 3 == 0) throw std::runtime_error("task failed");
+      });
+    }
+    CHECK_NOTHROW(group.wait());  // every failure went to the hook: nothing left to throw
+    CHECK(group.failed() == static_cast<std::size_t>((tasks + 2) / 3));
+  }
+  CHECK(ran == tasks);
+  CHECK(reported == (tasks + 2) / 3);
+}
+
+TEST_CASE("task_group: a throwing on_error hook falls back to storing the error for wait()") {
+  sluice::task_group group(2, [](std::exception_ptr) { throw std::logic_error("hook failed"); });
+  group.spawn([] { throw std::runtime_error("task failed"); });
+  try {
+    group.wait();
+    FAIL("wait() should have thrown task_errors");
+  } catch (const sluice::task_errors& e) {
+    REQUIRE(e.failed() == 1);
+    CHECK_THROWS_AS(std::rethrow_exception(e.errors().at(0)), std::logic_error);
+  }
+  CHECK(group.failed() == 1);
+}

@@ -21,8 +21,12 @@
 //    task. A larger callable costs one allocation.
 //  - A failed spawn (timeout, cancelled, try_spawn with every worker busy, or an exception from
 //    starting a worker thread) does not consume the callable: `f` is moved from only on success.
+//  - Errors go one of two ways. By default they are kept until wait() throws them (memory grows
+//    by one exception_ptr per failed task until then). With an `on_error` hook they are handed to
+//    the hook on the worker thread as they happen and never stored, so memory stays
+//    O(max_parallel) even if nobody calls wait(); failed() counts every failure either way.
 //  - The destructor waits for all tasks, then stops and joins the workers. It never throws:
-//    errors not yet collected by wait() are discarded (call wait() first to observe them).
+//    errors not yet collected by wait() are discarded (call wait() first, or use on_error).
 //
 // What it never does: create a thread per task, keep a list of finished tasks, busy-wait when idle
 // (idle workers park: zero CPU), or terminate the process because a task threw.
@@ -40,6 +44,7 @@
 #include <concepts>
 #include <cstddef>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -87,8 +92,16 @@ class task_group {
  public:
   /// Throws std::invalid_argument if max_parallel is 0. Starts no thread yet (workers start on
   /// demand, at most max_parallel).
-  explicit task_group(std::size_t max_parallel)
-      : limit_(validate(max_parallel)), slots_(std::make_unique<slot[]>(max_parallel)) {
+  explicit task_group(std::size_t max_parallel) : task_group(max_parallel, {}) {}
+
+  /// As task_group(max_parallel), reporting each task's exception to `on_error` (called on the
+  /// worker thread, possibly concurrently from several workers) instead of storing it for wait().
+  /// An exception thrown by on_error itself is stored for wait() instead. An empty hook means
+  /// "store for wait()".
+  task_group(std::size_t max_parallel, std::function<void(std::exception_ptr)> on_error)
+      : limit_(validate(max_parallel)),
+        on_error_(std::move(on_error)),
+        slots_(std::make_unique<slot[]>(max_parallel)) {
     idle_.reserve(max_parallel);  // never reallocates afterwards: at most max_parallel entries
   }
 
@@ -161,6 +174,13 @@ class task_group {
   [[nodiscard]] std::size_t running() const noexcept { return limit_.in_use(); }
 
   [[nodiscard]] std::size_t max_parallel() const noexcept { return limit_.max(); }
+
+  /// Tasks that have thrown since construction (reported to on_error or stored for wait()).
+  /// Thread-safe.
+  [[nodiscard]] std::size_t failed() const noexcept {
+    // relaxed: a statistic; wait() returning orders it after the tasks it waited for.
+    return failed_.load(std::memory_order_relaxed);
+  }
 
  private:
   struct alignas(detail::cache_line) slot {
@@ -245,6 +265,16 @@ class task_group {
   }
 
   void record(std::exception_ptr e) noexcept {
+    // relaxed: a counter; the permit release after the task orders it for wait().
+    failed_.fetch_add(1, std::memory_order_relaxed);
+    if (on_error_) {
+      try {
+        on_error_(std::move(e));
+        return;
+      } catch (...) {
+        e = std::current_exception();  // the hook failed: keep its exception for wait()
+      }
+    }
     std::lock_guard lock(errors_mutex_);
     try {
       errors_.push_back(std::move(e));
@@ -265,6 +295,8 @@ class task_group {
   }
 
   limiter limit_;  // declared first: destroyed after the workers are joined
+  std::function<void(std::exception_ptr)> on_error_;  // empty: store errors for wait()
+  std::atomic<std::size_t> failed_{0};
   std::mutex errors_mutex_;
   std::vector<std::exception_ptr> errors_;
   std::size_t unrecorded_ = 0;
