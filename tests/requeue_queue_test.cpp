@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <future>
+#include <semaphore>
 #include <iterator>
 #include <memory>
 #include <random>
@@ -419,4 +421,62 @@ TEST_CASE("requeue_queue: an idle blocked consumer uses no CPU") {
   consumer.join();
   CHECK(cpu_us >= 0);
   CHECK(cpu_us < 20'000);  // parked: at most a few syscalls' worth, far below 10% of 200 ms
+}
+
+namespace {
+// A steady clock whose N-th now() call blocks until the test lets it go: it holds a consumer
+// inside pop() at a chosen point, so a race window can be opened deterministically.
+struct gated_clock {
+  using base = std::chrono::steady_clock;
+  using rep = base::rep;
+  using period = base::period;
+  using duration = base::duration;
+  using time_point = base::time_point;
+  static constexpr bool is_steady = true;
+
+  struct gate {
+    std::atomic<int> calls{0};
+    std::atomic<int> block_on{-1};
+    std::binary_semaphore entered{0};
+    std::binary_semaphore resume{0};
+  };
+  std::shared_ptr<gate> g = std::make_shared<gate>();
+
+  time_point now() const noexcept {
+    if (++g->calls == g->block_on.load()) {
+      g->entered.release();
+      g->resume.acquire();
+    }
+    return base::now();
+  }
+  void wait(sluice::detail::event_count& ec, sluice::detail::event_count::key_type key) const noexcept {
+    ec.wait(key);
+  }
+  bool wait_until(sluice::detail::event_count& ec, sluice::detail::event_count::key_type key,
+                  time_point deadline) const noexcept {
+    return ec.wait_until(key, deadline);
+  }
+};
+}  // namespace
+
+TEST_CASE("requeue_queue: a stop requested between pop's stop check and its park is not missed") {
+  // Found in review: the stop callback notifies without the queue's mutex, so a stop requested
+  // after pop() checked the token but before it registered as a waiter used to be lost, and pop()
+  // slept until the earliest deadline (here an hour away).
+  gated_clock clock;
+  sluice::requeue_queue<int, int, gated_clock> q(clock);
+  REQUIRE(q.schedule(1, 1, std::chrono::hours(1)) == sluice::schedule_result::added);  // now() #1
+  // pop(): #2 in the first pass (then it registers the stop callback), #3 in the second pass,
+  // after its stop check and before it parks. Hold it there.
+  clock.g->block_on = clock.g->calls.load() + 2;
+  std::stop_source source;
+  auto popped = std::async(std::launch::async, [&] { return q.pop(source.get_token()); });
+  REQUIRE(clock.g->entered.try_acquire_for(std::chrono::seconds(10)));  // consumer is in the window
+  source.request_stop();  // its notify finds no registered waiter
+  clock.g->resume.release();
+  const bool returned = popped.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+  if (!returned) q.close();  // unblock it so the test can fail instead of hanging
+  REQUIRE(returned);
+  CHECK_FALSE(popped.get().has_value());
+  CHECK(q.size() == 1);  // the entry is still pending, not lost
 }

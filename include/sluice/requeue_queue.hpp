@@ -356,7 +356,9 @@ class requeue_queue {
   // Leader/follower waiting. The leader parks until min(earliest deadline, caller's deadline) and
   // is the only thread schedulers ever wake; followers park until the caller's deadline or until
   // a leader leaves (then one follower is woken to take over). Registration (prepare_wait) happens
-  // under mutex_, and wakers decide under mutex_ too, so no wake-up is lost.
+  // under mutex_, and wakers decide under mutex_ too, so no wake-up is lost; the one waker that
+  // does not take mutex_ (the stop callback) is covered by re-checking the token after
+  // registering.
   std::optional<entry> pop_impl(std::optional<time_point> until, const std::stop_token* stop) {
     std::optional<std::stop_callback<stop_waker>> on_stop;
     std::unique_lock lock(mutex_);
@@ -381,6 +383,13 @@ class requeue_queue {
         if (!heap_.empty() && (!wake_at || heap_.top_deadline() < *wake_at)) wake_at = heap_.top_deadline();
         leader_wake_at_ = wake_at ? *wake_at : time_point::max();
         const auto key = leader_ec_.prepare_wait();
+        // The stop callback notifies without mutex_, so a stop requested after the check at the
+        // top of the loop is seen only here, after registering (else its notify found no waiter).
+        if (stop != nullptr && stop->stop_requested()) {
+          leader_ec_.cancel_wait();
+          leader_present_ = false;
+          break;
+        }
         lock.unlock();
         if (wake_at) {
           (void)clock_.wait_until(leader_ec_, key, *wake_at);
@@ -392,6 +401,11 @@ class requeue_queue {
       } else {
         ++followers_;
         const auto key = follower_ec_.prepare_wait();
+        if (stop != nullptr && stop->stop_requested()) {  // as for the leader above
+          follower_ec_.cancel_wait();
+          --followers_;
+          break;
+        }
         lock.unlock();
         if (until) {
           (void)clock_.wait_until(follower_ec_, key, *until);
