@@ -432,7 +432,6 @@ struct gated_clock {
   using period = base::period;
   using duration = base::duration;
   using time_point = base::time_point;
-  static constexpr bool is_steady = true;
 
   struct gate {
     std::atomic<int> calls{0};
