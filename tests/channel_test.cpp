@@ -647,3 +647,58 @@ TEST_CASE("channel: a producer blocked on a full channel uses no CPU") {
   CHECK(ch.receive() == 2);
   CHECK(cpu < 10ms);
 }
+
+TEST_CASE("channel: drop_oldest - a send that returns closed has evicted nothing") {
+  // Found in review: a producer that saw the ring full, then evicted, then found the channel
+  // closed returned closed *and* had thrown away an item accepted before the close. Eviction and
+  // claim are now one step. Capacity 1, no consumer: after k successful sends, k - 1 were evicted
+  // and the last one is still there to receive.
+  const int rounds = static_cast<int>(sluice_test::scaled(2000));
+  int bad_rounds = 0;
+  for (int round = 0; round < rounds; ++round) {
+    sluice::channel<int> ch(1, sluice::channel_full_mode::drop_oldest);
+    std::atomic<bool> go{false};
+    std::uint64_t ok_sends = 0;
+    std::thread producer([&] {
+      while (!go.load()) {
+      }
+      for (int i = 0;; ++i) {
+        int v = i;
+        if (ch.send(std::move(v)) != sluice::channel_status::ok) break;
+        ++ok_sends;
+      }
+    });
+    std::thread closer([&] {
+      go = true;
+      for (int spin = 0; spin < round % 64; ++spin) sluice::detail::cpu_relax();
+      ch.close();
+    });
+    producer.join();
+    closer.join();
+    const bool consistent = ok_sends == 0 ? ch.dropped() == 0 && ch.size() == 0
+                                          : ch.dropped() + 1 == ok_sends && ch.size() == 1;
+    if (!consistent) ++bad_rounds;
+  }
+  CHECK(bad_rounds == 0);
+}
+
+TEST_CASE("channel: received() never wraps around while producers evict") {
+  // Found in review: received() read head before the eviction count and could see an eviction in
+  // the count but not in head, wrapping to ~1.8e19. No consumer here, so received() must stay 0.
+  sluice::channel<int> ch(4, sluice::channel_full_mode::drop_oldest);
+  std::atomic<bool> done{false};
+  std::atomic<std::uint64_t> worst{0};
+  std::thread reader([&] {
+    while (!done.load()) {
+      const auto r = ch.received();
+      if (r > worst.load()) worst = r;
+    }
+  });
+  const int sends = static_cast<int>(sluice_test::scaled(200000));
+  for (int i = 0; i < sends; ++i) REQUIRE(ch.send(int{i}) == sluice::channel_status::ok);
+  done = true;
+  reader.join();
+  CHECK(worst.load() == 0);
+  CHECK(ch.accepted() == static_cast<std::uint64_t>(sends));
+  CHECK(ch.dropped() + ch.size() == static_cast<std::uint64_t>(sends));
+}

@@ -273,7 +273,9 @@ class channel {
   }
   /// Items handed to the consumer.
   [[nodiscard]] std::uint64_t received() const noexcept {
-    return ring_.read_count() - dropped_oldest_.load(std::memory_order_relaxed);  // relaxed: statistics
+    // Counted by the consumer itself, not derived from head_ minus evictions: that difference
+    // could be read between an eviction's two updates and come out wrong (even wrap around).
+    return received_.load(std::memory_order_relaxed);  // relaxed: statistics
   }
   /// Items dropped by the full mode (each one was passed to the drop callback, if any).
   [[nodiscard]] std::uint64_t dropped() const noexcept {
@@ -314,11 +316,15 @@ class channel {
     }
   }
 
-  bool evict_one() noexcept {
-    return ring_.evict_oldest([this](T&& victim) noexcept {
+  // drop_oldest on a full ring: evicts the oldest item and claims its slot in one step (see
+  // channel_ring::evict_oldest_and_claim), so a send that returns closed never evicted anything.
+  detail::claim_result evict_and_claim(pos_type& pos, std::size_t& n) noexcept {
+    const auto result = ring_.evict_oldest_and_claim(pos, [this](T&& victim) noexcept {
       dropped_oldest_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics
       deliver_drop(std::move(victim));
     });
+    n = result == detail::claim_result::ok ? 1 : 0;
+    return result;
   }
 
   // Right after a successful claim: must this producer wake the consumer once its items are
@@ -358,7 +364,14 @@ class channel {
     for (int evict_tries = 0;;) {
       pos_type pos{};
       std::size_t n = 0;
-      const auto claimed = ring_.claim(1, pos, n);
+      auto claimed = ring_.claim(1, pos, n);
+      if (claimed == detail::claim_result::full && mode_ == channel_full_mode::drop_oldest) {
+        claimed = evict_and_claim(pos, n);
+        if (claimed == detail::claim_result::full) {  // lost a race: nothing evicted, try again
+          backoff(evict_tries);
+          continue;
+        }
+      }
       if (claimed == detail::claim_result::ok) {
         const bool wake = must_wake_consumer();
         ::new (static_cast<void*>(ring_.slot_storage(pos))) T(std::move(value));
@@ -376,8 +389,7 @@ class channel {
           deliver_drop(std::move(victim));
           return channel_status::dropped;
         }
-        case channel_full_mode::drop_oldest:
-          if (!evict_one()) backoff(evict_tries);
+        case channel_full_mode::drop_oldest:  // handled above, with the claim
           break;
         case channel_full_mode::wait:
           if (!may_block) return timed_out ? channel_status::timeout : channel_status::full;
@@ -397,7 +409,14 @@ class channel {
     for (int evict_tries = 0; done < items.size();) {
       pos_type first{};
       std::size_t n = 0;
-      const auto claimed = ring_.claim(items.size() - done, first, n);
+      auto claimed = ring_.claim(items.size() - done, first, n);
+      if (claimed == detail::claim_result::full && mode_ == channel_full_mode::drop_oldest) {
+        claimed = evict_and_claim(first, n);
+        if (claimed == detail::claim_result::full) {  // lost a race: nothing evicted, try again
+          backoff(evict_tries);
+          continue;
+        }
+      }
       if (claimed == detail::claim_result::ok) {
         const bool wake = must_wake_consumer();
         pos_type p = first;
@@ -420,8 +439,7 @@ class channel {
             deliver_drop(std::move(victim));
           }
           return done;
-        case channel_full_mode::drop_oldest:
-          if (!evict_one()) backoff(evict_tries);
+        case channel_full_mode::drop_oldest:  // handled above, with the claim
           break;
         case channel_full_mode::wait:
           if (!may_block) return done;
@@ -449,6 +467,8 @@ class channel {
   // free (it refills a quarter faster than the consumer drains it; waking them all would only
   // crowd the cores the consumer needs). All of them are woken when the consumer runs dry.
   void freed(std::size_t n) noexcept {
+    // relaxed: a statistic with a single writer (this consumer); a plain load + store, no RMW.
+    received_.store(received_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
     freed_since_wake_ += n;
     if (freed_since_wake_ >= wake_batch_) {
       freed_since_wake_ = 0;
@@ -643,6 +663,7 @@ class channel {
   ring_type ring_;
   // Consumer-private state (one consumer at a time): not atomic, never touched by producers.
   std::size_t freed_since_wake_ = 0;
+  std::atomic<std::uint64_t> received_{0};  // written by the consumer only (in freed())
   bool drained_seen_ = false;  // closed and drained is final: later receives return at once
   int consumer_spins_ = 512;
   int shared_core_yields_ = 0;  // consecutive yields during which another thread ran on this core

@@ -116,7 +116,7 @@ class channel_ring {
 
   /// Makes the item constructed at p visible to its reader.
   void publish(pos_type p) noexcept {
-    // release: pairs with the acquire stamp loads in read()/evict_oldest(); the construction
+    // release: pairs with the acquire stamp loads in read()/evict_oldest_and_claim(); the construction
     // happens-before the move-out.
     at(p).stamp.store(p + 1, std::memory_order_release);
   }
@@ -136,19 +136,34 @@ class channel_ring {
     return to_count(head_.load(std::memory_order_seq_cst)) + cap_ >= to_count(t) + room;
   }
 
-  /// drop_oldest: if the ring is full, takes the oldest item, frees its slot, and passes the item
-  /// to `victim_fn(T&&)` (after the slot is free, outside the read lock). Returns false if there
-  /// was nothing to evict right now: space appeared, another reader holds the read lock, or the
-  /// oldest item is still being published. The caller retries its send.
+  /// drop_oldest, on a full ring: evicts the oldest item and claims the slot it frees for the
+  /// caller, as one step, so an eviction never happens without the caller's item taking its
+  /// place. Under the read lock: if the channel is closed, returns closed (nothing evicted); if the
+  /// ring is no longer exactly full, another reader holds the lock, the oldest item is still being
+  /// published, or another producer moves tail_ first, returns full (nothing evicted; the caller
+  /// retries its send). Otherwise claims position tail (one lap after head) by CAS, moves the
+  /// oldest item out, advances head_, and hands the item to `victim_fn(T&&)` outside the lock;
+  /// `claimed` is then the caller's position to construct into and publish.
   template <class VictimFn>
-  bool evict_oldest(VictimFn&& victim_fn) noexcept {
-    if (!try_lock_readers()) return false;
+  claim_result evict_oldest_and_claim(pos_type& claimed, VictimFn&& victim_fn) noexcept {
+    if (!try_lock_readers()) return claim_result::full;
     const pos_type h = head_.load(std::memory_order_relaxed);  // relaxed: written under the lock
-    const pos_type t = tail_.load(std::memory_order_relaxed) & ~closed_bit;  // relaxed: a hint
-    // acquire: pairs with publish(); construction happens-before our move-out.
-    if (t < h + one_lap_ || at(h).stamp.load(std::memory_order_acquire) != h + 1) {
+    // seq_cst: the same ordering as claim()'s CAS; also reads the closed bit exactly once, here.
+    pos_type t = tail_.load(std::memory_order_seq_cst);
+    if (t & closed_bit) {
       unlock_readers();
-      return false;
+      return claim_result::closed;
+    }
+    // acquire: pairs with publish(); construction happens-before our move-out.
+    if (t != h + one_lap_ || at(h).stamp.load(std::memory_order_acquire) != h + 1) {
+      unlock_readers();
+      return claim_result::full;
+    }
+    // seq_cst: this claim is the write a parked consumer's re-check reads, as in claim(). A
+    // failure (another producer claimed, or close() set the bit) evicts nothing. Relaxed on failure.
+    if (!tail_.compare_exchange_strong(t, next(t), std::memory_order_seq_cst, std::memory_order_relaxed)) {
+      unlock_readers();
+      return claim_result::full;
     }
     T* item = at(h).item();
     T victim(std::move(*item));
@@ -157,7 +172,8 @@ class channel_ring {
     head_.store(next(h), std::memory_order_release);
     unlock_readers();
     victim_fn(std::move(victim));
-    return true;
+    claimed = t;  // the slot h occupied, one lap later: free now, and ours
+    return claim_result::ok;
   }
 
   /// Sets the closed flag. Returns true for the call that closed it.
