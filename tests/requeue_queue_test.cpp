@@ -426,13 +426,7 @@ TEST_CASE("requeue_queue: an idle blocked consumer uses no CPU") {
 namespace {
 // A steady clock whose N-th now() call blocks until the test lets it go: it holds a consumer
 // inside pop() at a chosen point, so a race window can be opened deterministically.
-struct gated_clock {
-  using base = std::chrono::steady_clock;
-  using rep = base::rep;
-  using period = base::period;
-  using duration = base::duration;
-  using time_point = base::time_point;
-
+struct gated_clock : sluice::steady_clock {  // the steady adapter's types and waiting, gated now()
   struct gate {
     std::atomic<int> calls{0};
     std::atomic<int> block_on{-1};
@@ -446,14 +440,7 @@ struct gated_clock {
       g->entered.release();
       g->resume.acquire();
     }
-    return base::now();
-  }
-  void wait(sluice::detail::event_count& ec, sluice::detail::event_count::key_type key) const noexcept {
-    ec.wait(key);
-  }
-  bool wait_until(sluice::detail::event_count& ec, sluice::detail::event_count::key_type key,
-                  time_point deadline) const noexcept {
-    return ec.wait_until(key, deadline);
+    return sluice::steady_clock::now();
   }
 };
 }  // namespace

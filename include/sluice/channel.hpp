@@ -316,15 +316,24 @@ class channel {
     }
   }
 
-  // drop_oldest on a full ring: evicts the oldest item and claims its slot in one step (see
-  // channel_ring::evict_oldest_and_claim), so a send that returns closed never evicted anything.
-  detail::claim_result evict_and_claim(pos_type& pos, std::size_t& n) noexcept {
-    const auto result = ring_.evict_oldest_and_claim(pos, [this](T&& victim) noexcept {
-      dropped_oldest_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics
-      deliver_drop(std::move(victim));
-    });
-    n = result == detail::claim_result::ok ? 1 : 0;
-    return result;
+  // Claims up to `want` positions. In drop_oldest mode a full ring instead evicts the oldest item
+  // and claims its slot in one step (channel_ring::evict_oldest_and_claim), retrying while it
+  // loses races, so full is never returned there and a send that returns closed never evicted
+  // anything. Other modes get claim()'s result as it is.
+  detail::claim_result claim_for_send(std::size_t want, pos_type& pos, std::size_t& n) noexcept {
+    for (int evict_tries = 0;;) {
+      const auto claimed = ring_.claim(want, pos, n);
+      if (claimed != detail::claim_result::full || mode_ != channel_full_mode::drop_oldest) return claimed;
+      const auto evicted = ring_.evict_oldest_and_claim(pos, [this](T&& victim) noexcept {
+        dropped_oldest_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics
+        deliver_drop(std::move(victim));
+      });
+      if (evicted != detail::claim_result::full) {
+        n = evicted == detail::claim_result::ok ? 1 : 0;
+        return evicted;
+      }
+      backoff(evict_tries);  // lost a race: nothing evicted, try again
+    }
   }
 
   // Right after a successful claim: must this producer wake the consumer once its items are
@@ -361,17 +370,10 @@ class channel {
 
   channel_status send_one(T& value, const deadline_type& deadline, const std::stop_token* stop, bool may_block) noexcept {
     bool timed_out = false;
-    for (int evict_tries = 0;;) {
+    for (;;) {
       pos_type pos{};
       std::size_t n = 0;
-      auto claimed = ring_.claim(1, pos, n);
-      if (claimed == detail::claim_result::full && mode_ == channel_full_mode::drop_oldest) {
-        claimed = evict_and_claim(pos, n);
-        if (claimed == detail::claim_result::full) {  // lost a race: nothing evicted, try again
-          backoff(evict_tries);
-          continue;
-        }
-      }
+      const auto claimed = claim_for_send(1, pos, n);
       if (claimed == detail::claim_result::ok) {
         const bool wake = must_wake_consumer();
         ::new (static_cast<void*>(ring_.slot_storage(pos))) T(std::move(value));
@@ -389,7 +391,7 @@ class channel {
           deliver_drop(std::move(victim));
           return channel_status::dropped;
         }
-        case channel_full_mode::drop_oldest:  // handled above, with the claim
+        case channel_full_mode::drop_oldest:  // never full: claim_for_send() evicts instead
           break;
         case channel_full_mode::wait:
           if (!may_block) return timed_out ? channel_status::timeout : channel_status::full;
@@ -406,17 +408,10 @@ class channel {
   std::size_t send_many(std::span<T> items, const deadline_type& deadline, const std::stop_token* stop,
                         bool may_block) noexcept {
     std::size_t done = 0;
-    for (int evict_tries = 0; done < items.size();) {
+    while (done < items.size()) {
       pos_type first{};
       std::size_t n = 0;
-      auto claimed = ring_.claim(items.size() - done, first, n);
-      if (claimed == detail::claim_result::full && mode_ == channel_full_mode::drop_oldest) {
-        claimed = evict_and_claim(first, n);
-        if (claimed == detail::claim_result::full) {  // lost a race: nothing evicted, try again
-          backoff(evict_tries);
-          continue;
-        }
-      }
+      const auto claimed = claim_for_send(items.size() - done, first, n);
       if (claimed == detail::claim_result::ok) {
         const bool wake = must_wake_consumer();
         pos_type p = first;
@@ -439,7 +434,7 @@ class channel {
             deliver_drop(std::move(victim));
           }
           return done;
-        case channel_full_mode::drop_oldest:  // handled above, with the claim
+        case channel_full_mode::drop_oldest:  // never full: claim_for_send() evicts instead
           break;
         case channel_full_mode::wait:
           if (!may_block) return done;
