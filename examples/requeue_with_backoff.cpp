@@ -21,7 +21,7 @@ using clock_type = sluice::testing::manual_clock;
 int main() {
   clock_type clock;
   sluice::requeue_queue<std::string, int, clock_type> queue(clock);  // item: the attempt number
-  sluice::backoff<std::string> retry({.base = 100ms, .cap = 10s, .multiplier = 2.0, .max_retries = 3});
+  sluice::backoff<std::string> retry({.base = 100ms, .max = 10s, .multiplier = 2.0, .max_retries = 3});
 
   std::map<std::string, int> failures_left{{"pod/flaky", 2}, {"pod/broken", 1000}, {"pod/ok", 0}};
   for (const auto& [key, _] : failures_left) (void)queue.schedule(key, 1, 0s);

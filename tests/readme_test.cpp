@@ -59,7 +59,7 @@ TEST_CASE("readme: every code snippet in README.md compiles and runs") {
     auto due = q.try_pop();
     REQUIRE(due);
     CHECK(due->key == "a");
-    sluice::backoff<std::string> retry({.base = 5ms, .cap = 5min, .multiplier = 2,
+    sluice::backoff<std::string> retry({.base = 5ms, .max = 5min, .multiplier = 2,
                                         .jitter = sluice::jitter_mode::full, .max_retries = 10});
     std::string uid = "a";
     if (auto d = retry.failure(uid)) (void)q.schedule(uid, job{}, d.delay);

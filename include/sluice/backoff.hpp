@@ -22,7 +22,7 @@
 // Never: sleeps, owns a timer, or remembers a key that succeeded.
 //
 // Example:
-//   sluice::backoff<std::string> retry({.base = 10ms, .cap = 5min, .max_retries = 8});
+//   sluice::backoff<std::string> retry({.base = 10ms, .max = 5min, .max_retries = 8});
 //   if (auto d = retry.failure(key)) (void)queue.schedule(key, item, d.delay);
 //   else report_given_up(key, d.failures);
 //   ...on success: retry.forget(key);
@@ -51,7 +51,7 @@ enum class jitter_mode {
 /// Configuration of a backoff. Defaults follow client-go's per-item limiter (5 ms .. 1000 s, x2).
 struct backoff_options {
   std::chrono::nanoseconds base = std::chrono::milliseconds(5);  ///< first delay, > 0
-  std::chrono::nanoseconds cap = std::chrono::seconds(1000);     ///< largest delay, >= base
+  std::chrono::nanoseconds max = std::chrono::seconds(1000);     ///< largest delay, >= base
   double multiplier = 2.0;                                       ///< growth per failure, >= 1
   jitter_mode jitter = jitter_mode::none;
   std::optional<std::uint32_t> max_retries = std::nullopt;  ///< give up on the failure after this many retries
@@ -78,9 +78,9 @@ class backoff {
     if (options_.base <= options_.base.zero()) {
       throw std::invalid_argument("sluice::backoff: base must be > 0, got "s + ns(options_.base));
     }
-    if (options_.cap < options_.base) {
-      throw std::invalid_argument("sluice::backoff: cap must be >= base ("s + ns(options_.base) + "), got " +
-                                  ns(options_.cap));
+    if (options_.max < options_.base) {
+      throw std::invalid_argument("sluice::backoff: max must be >= base ("s + ns(options_.base) + "), got " +
+                                  ns(options_.max));
     }
     if (!(options_.multiplier >= 1.0) || !std::isfinite(options_.multiplier)) {
       throw std::invalid_argument("sluice::backoff: multiplier must be finite and >= 1, got " +
@@ -121,9 +121,9 @@ class backoff {
   /// allocates.
   [[nodiscard]] std::chrono::nanoseconds exponential(std::uint32_t n) const noexcept {
     const double base = static_cast<double>(options_.base.count());
-    const double cap = static_cast<double>(options_.cap.count());
+    const double cap = static_cast<double>(options_.max.count());
     const double value = base * std::pow(options_.multiplier, static_cast<double>(n == 0 ? 0 : n - 1));
-    if (!(value < cap)) return options_.cap;  // also inf / NaN
+    if (!(value < cap)) return options_.max;  // also inf / NaN
     return std::chrono::nanoseconds(static_cast<std::int64_t>(value));
   }
 
