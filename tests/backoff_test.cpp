@@ -4,6 +4,7 @@
 #include "test_support.hpp"
 
 #include <atomic>
+#include <cmath>
 #include <chrono>
 #include <cstdint>
 #include <limits>
@@ -172,5 +173,92 @@ TEST_CASE("backoff: concurrent failures and forgets balance") {
     ts.clear();
     CHECK(gave_up == 0);
     CHECK(b.size() == 0);
+  }
+}
+
+// Issue 7, bug 1: the jitter used to go through double and back; with `max` at or near
+// nanoseconds::max() the product rounded up to 2^63 (undefined conversion, INT64_MIN on x86) and
+// with max = 2^60-1 it came out 1 ns above the cap. Every delay must lie in [0, max], exactly at
+// the ends for u = 0 and u = 1.
+TEST_CASE("backoff: jittered delays stay in [0, max] even at nanoseconds::max()") {
+  using ns = std::chrono::nanoseconds;
+  const double below_one = std::nextafter(1.0, 0.0);
+  const std::vector<ns> maxima{ns::max(), ns::max() - 1ns, ns((std::int64_t{1} << 60) - 1), ns(std::int64_t{1} << 53),
+                               ns((std::int64_t{1} << 53) + 1), 1000s, 3ns, 1ns};
+  const std::vector<double> randoms{0.0, 1e-300, 0.5, 0.999, below_one, 1.0};
+  for (const ns max : maxima) {
+    for (const double u : randoms) {
+      INFO("max " << max.count() << "ns, random " << u);
+      // base = max: the very first failure is already capped, so the jitter sees the largest value.
+      backoff<int> full({.base = max, .max = max, .jitter = jitter_mode::full}, [u] { return u; });
+      backoff<int> equal({.base = max, .max = max, .jitter = jitter_mode::equal}, [u] { return u; });
+      backoff<int> none({.base = max, .max = max, .jitter = jitter_mode::none}, [u] { return u; });
+      const ns f = full.failure(1).delay;
+      const ns e = equal.failure(1).delay;
+      CHECK(none.failure(1).delay == max);
+      CHECK(f >= 0ns);
+      CHECK(f <= max);
+      CHECK(e >= max / 2);
+      CHECK(e <= max);
+      if (u == 0.0) {
+        CHECK(f == 0ns);
+        CHECK(e == max / 2);
+      }
+      if (u == 1.0) {
+        CHECK(f == max);
+        CHECK(e == max);
+      }
+      // Later failures stay capped (the exponent keeps growing).
+      CHECK(full.failure(1).delay <= max);
+      CHECK(equal.failure(1).delay <= max);
+    }
+  }
+}
+
+TEST_CASE("backoff: jitter is monotone in the random value and close to delay * u") {
+  const std::chrono::nanoseconds d = 800ms;
+  std::chrono::nanoseconds previous{-1};
+  for (int i = 0; i <= 1000; ++i) {
+    const double u = i / 1000.0;
+    backoff<int> full({.base = d, .max = d, .jitter = jitter_mode::full}, [u] { return u; });
+    const auto got = full.failure(1).delay;
+    CHECK(got >= previous);
+    previous = got;
+    const double expected = static_cast<double>(d.count()) * u;
+    CHECK(std::abs(static_cast<double>(got.count()) - expected) <= 1.0 + static_cast<double>(d.count()) * 0x1p-32);
+  }
+}
+
+TEST_CASE("backoff: a random source outside [0, 1] (NaN, inf, negative) is clamped") {
+  const std::chrono::nanoseconds max = std::chrono::nanoseconds::max();
+  for (const double u : {std::numeric_limits<double>::quiet_NaN(), -std::numeric_limits<double>::infinity(), -0.5,
+                         std::numeric_limits<double>::infinity(), 7.0}) {
+    INFO("random " << u);
+    backoff<int> full({.base = max, .max = max, .jitter = jitter_mode::full}, [u] { return u; });
+    backoff<int> equal({.base = max, .max = max, .jitter = jitter_mode::equal}, [u] { return u; });
+    const auto f = full.failure(1).delay;
+    const auto e = equal.failure(1).delay;
+    CHECK(f >= std::chrono::nanoseconds::zero());
+    CHECK(f <= max);
+    CHECK(e >= max / 2);
+    CHECK(e <= max);
+    if (u > 1.0) CHECK(f == max);
+    if (!(u > 0.0)) CHECK(f == std::chrono::nanoseconds::zero());  // NaN and negatives count as 0
+  }
+}
+
+TEST_CASE("backoff: exponential() never exceeds max, for any max") {
+  using ns = std::chrono::nanoseconds;
+  for (const ns max : {ns::max(), ns((std::int64_t{1} << 60) - 1), ns((std::int64_t{1} << 53) + 1), ns(1000s)}) {
+    INFO("max " << max.count());
+    backoff<int> b({.base = 1ns, .max = max, .multiplier = 1.9999});
+    ns previous{0};
+    for (std::uint32_t n = 1; n < 200; ++n) {
+      const ns d = b.exponential(n);
+      CHECK(d >= previous);
+      CHECK(d <= max);
+      previous = d;
+    }
+    CHECK(previous == max);
   }
 }

@@ -3,20 +3,23 @@
 // What it is for: a reconcile loop that fails on a key asks `failure(key)` how long to wait before
 // retrying (typically feeding requeue_queue::schedule), and calls `forget(key)` the moment the key
 // succeeds. The n-th consecutive failure of a key waits
-//     min(cap, base * multiplier^(n-1)), then jittered:
+//     min(max, base * multiplier^(n-1)), then jittered:
 //       none:  that value;   full: uniform in [0, value];   equal: value/2 + uniform in [0, value/2]
 // With `max_retries` set, the failure after max_retries retries says give up instead of a delay.
 //
 // Requirements: Key hashable with Hash / KeyEqual and copy-constructible. The random source, if
-// given, returns doubles in [0, 1); it is called under the backoff's lock, so it needs no locking
-// of its own but must not call back into this backoff.
+// given, returns doubles in [0, 1] (values outside are clamped, NaN counts as 0); it is called
+// under the backoff's lock, so it needs no locking of its own but must not call back into this
+// backoff.
 //
 // Guarantees:
 // - State exists only for keys failing now: forget() erases the key, and a give-up erases it too
 //   (the caller is dropping the key; if it fails again later it starts a fresh budget). So the
 //   state never outgrows the set of currently failing keys (client-go's failure map leaked when
 //   Forget was not called, kubernetes#138743), and its memory shrinks when that set does.
-// - Delays never overflow: the exponent is evaluated in floating point and capped before converting.
+// - Every delay lies in [0, max]: the exponent is evaluated in floating point and capped before
+//   converting; jitter is applied in integer arithmetic (a 32-bit fraction of the delay), so even
+//   max = nanoseconds::max() ("no cap") is exact at both ends.
 // - Configuration is validated: std::invalid_argument naming the parameter and value.
 // - Thread-safe (one internal mutex; each call is a hash lookup, O(1)).
 // Never: sleeps, owns a timer, or remembers a key that succeeded.
@@ -28,6 +31,7 @@
 //   ...on success: retry.forget(key);
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -123,8 +127,10 @@ class backoff {
     const double base = static_cast<double>(options_.base.count());
     const double cap = static_cast<double>(options_.max.count());
     const double value = base * std::pow(options_.multiplier, static_cast<double>(n == 0 ? 0 : n - 1));
+    // double(max) is the double nearest to max, so every double below it is <= max and converts
+    // to int64 without overflow; the std::min guards the argument anyway.
     if (!(value < cap)) return options_.max;  // also inf / NaN
-    return std::chrono::nanoseconds(static_cast<std::int64_t>(value));
+    return std::min(options_.max, std::chrono::nanoseconds(static_cast<std::int64_t>(value)));
   }
 
   /// Erases `key`'s failure state (call on success); returns whether it had any. Thread-safe.
@@ -161,14 +167,33 @@ class backoff {
  private:
   static std::string ns(std::chrono::nanoseconds d) { return std::to_string(d.count()) + "ns"; }
 
+  // Jitter in integers, so the result provably lies in [0, d] (and d <= max): the random value
+  // becomes a 32-bit fraction q / 2^32 with q in [0, 2^32], and floor(d * q / 2^32) is computed
+  // exactly without a 128-bit type. (Going through double rounded d = nanoseconds::max() up to
+  // 2^63, whose conversion back to int64 is undefined; issue 7.)
   std::chrono::nanoseconds jittered_locked(std::chrono::nanoseconds d) {
     if (options_.jitter == jitter_mode::none) return d;
-    double u = random_();
-    if (!(u >= 0.0)) u = 0.0;  // defend against a bad source: clamp into [0, 1]
-    if (u > 1.0) u = 1.0;
-    const double v = static_cast<double>(d.count());
-    const double out = options_.jitter == jitter_mode::full ? v * u : v / 2 + (v / 2) * u;
-    return std::chrono::nanoseconds(static_cast<std::int64_t>(out));
+    const std::uint64_t q = fraction_of(random_());
+    const auto x = static_cast<std::uint64_t>(d.count());  // 0 < d <= max <= INT64_MAX
+    const std::uint64_t out = options_.jitter == jitter_mode::full ? scale(x, q) : x / 2 + scale(x - x / 2, q);
+    return std::chrono::nanoseconds(static_cast<std::int64_t>(out));  // out <= x: in range
+  }
+
+  static constexpr std::uint64_t one = std::uint64_t{1} << 32;  // the fraction 1.0
+
+  // u clamped into [0, 1] (NaN counts as 0), as a fraction of `one`, rounded down.
+  static std::uint64_t fraction_of(double u) noexcept {
+    if (!(u > 0.0)) return 0;  // also NaN
+    if (!(u < 1.0)) return one;
+    return static_cast<std::uint64_t>(u * static_cast<double>(one));  // in [0, 2^32): exact scaling
+  }
+
+  // floor(x * q / 2^32) for x < 2^63, q <= 2^32, never above x. With x = hi * 2^32 + lo:
+  // hi * q < 2^63 and lo * q < 2^64, and the hi part divides exactly.
+  static constexpr std::uint64_t scale(std::uint64_t x, std::uint64_t q) noexcept {
+    const std::uint64_t hi = x >> 32;
+    const std::uint64_t lo = x & (one - 1);
+    return hi * q + ((lo * q) >> 32);
   }
 
   void erase_locked(typename std::unordered_map<Key, std::uint32_t, Hash, KeyEqual>::iterator it) noexcept {
