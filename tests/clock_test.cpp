@@ -6,15 +6,17 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <limits>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 using namespace std::chrono_literals;
 using sluice::detail::block_on_clock;
-using sluice::detail::event_count;
-using sluice::detail::saturating_add;
+using sluice::event_count;
+using sluice::saturating_add;
 using sluice::detail::wait_outcome;
 using sluice::testing::manual_clock;
 
@@ -36,6 +38,28 @@ TEST_CASE("clock: saturating_add never overflows") {
   CHECK(saturating_add(t0, std::chrono::duration<double>(1e300)) == tp::max());
   CHECK(saturating_add(t0, std::chrono::duration<double>(1.5e-9)) == t0 + 2ns);  // rounds up
   CHECK(saturating_add(t0, -2s) == t0 - 2s);
+  // NaN is "no time at all" (a NaN timeout is already expired); infinities saturate.
+  CHECK(saturating_add(t0, std::chrono::duration<double>(std::numeric_limits<double>::quiet_NaN())) == t0);
+  CHECK(saturating_add(t0, std::chrono::duration<double>(std::numeric_limits<double>::infinity())) == tp::max());
+  CHECK(saturating_add(t0, std::chrono::duration<double>(-std::numeric_limits<double>::infinity())) == tp::min());
+  // Exact at the ends, in integers, for the clock's own duration.
+  CHECK(saturating_add(tp::max() - 5ns, 5ns) == tp::max());
+  CHECK(saturating_add(tp::max() - 6ns, 5ns) == tp::max() - 1ns);
+  CHECK(saturating_add(tp::min() + 5ns, -5ns) == tp::min());
+  CHECK(saturating_add(tp::min(), std::chrono::nanoseconds::max()) == tp(std::chrono::nanoseconds(-1)));
+  // d alone is out of range, the sum is not.
+  const std::chrono::hours two_centuries(24 * 365 * 200);  // 6.3e18 ns: fits; twice that does not
+  CHECK(saturating_add(tp::min() + 2h, 2 * two_centuries) == tp::min() + 2h + two_centuries + two_centuries);
+}
+
+TEST_CASE("clock: the public parking handle and saturating helper are the ones detail/ uses") {
+  STATIC_REQUIRE(std::is_same_v<sluice::detail::event_count, sluice::event_count>);
+  // The opaque key: made only by prepare_wait(), copyable.
+  STATIC_REQUIRE_FALSE(std::is_default_constructible_v<sluice::event_count::key_type>);
+  STATIC_REQUIRE_FALSE(std::is_convertible_v<std::uint32_t, sluice::event_count::key_type>);
+  STATIC_REQUIRE(std::is_trivially_copyable_v<sluice::event_count::key_type>);
+  using tp = std::chrono::steady_clock::time_point;
+  CHECK(sluice::detail::saturating_add(tp{}, 1s) == sluice::saturating_add(tp{}, 1s));
 }
 
 TEST_CASE("clock: steady_clock wait_until with a past deadline returns false at once") {

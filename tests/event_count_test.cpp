@@ -1,19 +1,20 @@
 // Tests for the parking primitive every blocking call in sluice is built on.
 // event_count_portable_test.cpp compiles this same file with SLUICE_PORTABLE_PARKING, so the
 // mutex + condition variable fallback is tested too.
-#include <sluice/detail/event_count.hpp>
 #include <sluice/detail/wait.hpp>
+#include <sluice/event_count.hpp>
 
 #include "test_support.hpp"
 
 #include <atomic>
 #include <chrono>
+#include <limits>
 #include <thread>
 #include <vector>
 
 using namespace std::chrono_literals;
 using sluice::detail::block_until;
-using sluice::detail::event_count;
+using sluice::event_count;
 using sluice::detail::wait_outcome;
 
 TEST_CASE("event_count: a parked waiter is woken by notify_one after the condition is set") {
@@ -96,6 +97,33 @@ TEST_CASE("event_count: deadline helpers saturate instead of overflowing") {
   const auto now = std::chrono::steady_clock::now();
   CHECK(converted > now + 900ms);
   CHECK(converted < now + 1100ms);
+}
+
+TEST_CASE("event_count: a NaN timeout or time point is already expired, infinities saturate") {
+  // Issue 7: deadline_after(NaN) used to reach std::chrono::ceil (undefined behaviour) and came
+  // out ~292 years in the past.
+  using sluice::detail::deadline_after;
+  using sluice::detail::steady_time;
+  using sluice::detail::to_steady;
+  using dsec = std::chrono::duration<double>;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double inf = std::numeric_limits<double>::infinity();
+  const auto before = std::chrono::steady_clock::now();
+  const auto d = deadline_after(dsec(nan));
+  const auto after = std::chrono::steady_clock::now();
+  CHECK(d >= before);
+  CHECK(d <= after);
+  CHECK(deadline_after(dsec(inf)) == steady_time::max());
+  const auto long_ago = deadline_after(dsec(-inf));
+  CHECK(long_ago <= std::chrono::steady_clock::now());
+  CHECK(long_ago >= before);  // "now", not the distant past
+  const auto from_nan_tp = to_steady(std::chrono::time_point<std::chrono::system_clock, dsec>(dsec(nan)));
+  CHECK(from_nan_tp >= before);
+  CHECK(from_nan_tp <= std::chrono::steady_clock::now());
+  CHECK(to_steady(std::chrono::time_point<std::chrono::system_clock, dsec>(dsec(inf))) == steady_time::max());
+  // And a wait on it returns at once with timeout.
+  event_count ec;
+  CHECK(block_until(ec, [] { return false; }, deadline_after(dsec(nan)), nullptr) == wait_outcome::timeout);
 }
 
 TEST_CASE("event_count: ping-pong conserves every hand-off (no lost wake-up)") {

@@ -4,8 +4,9 @@
 // What it is for: timed components (requeue_queue, and later the write-behind batcher's linger
 // timers and the pipelines' workers) never call std::chrono::steady_clock directly. They take a
 // `Clock` template parameter satisfying `sluice::clock_source`, read time with `clock.now()` and
-// park with `clock.wait_until(ec, key, deadline)`. Production code uses `sluice::steady_clock`
-// (the default); tests use `sluice::testing::manual_clock` and move time by hand, without sleeping.
+// park with `clock.wait_until(ec, key, deadline)` on a sluice::event_count (event_count.hpp).
+// Production code uses `sluice::steady_clock` (the default); tests use
+// `sluice::testing::manual_clock` and move time by hand, without sleeping.
 //
 // The waiting contract (what lets a test clock interrupt a sleeping component):
 //   key = ec.prepare_wait();                  // 1. register on the component's event_count
@@ -21,16 +22,17 @@
 // Convention every component follows: a Clock is a cheap copyable *handle*, held by value and taken
 // by value in constructors (`requeue_queue(..., Clock clock = Clock{})`). Copies of a manual_clock
 // share one timeline, so the test keeps one copy and advances it while the component holds another.
-// Deadlines are the clock's own `time_point`s; durations are added with `detail::saturating_add`, so
-// `hours::max()` means "as late as representable", never overflow.
+// Deadlines are the clock's own `time_point`s; durations are added with `sluice::saturating_add`
+// (deadline.hpp), so `hours::max()` means "as late as representable" and NaN means "now", never
+// overflow or undefined behaviour.
 //
 // Guarantees: now() is monotonic (is_steady). wait*/wait_until never allocate on steady_clock.
 // Never: spins, sleeps in a loop, or takes a lock on steady_clock.
 //
 // Example:
-//   sluice::detail::event_count ec;
+//   sluice::event_count ec;
 //   sluice::steady_clock clock;
-//   const auto deadline = sluice::detail::saturating_add(clock.now(), 5ms);
+//   const auto deadline = sluice::saturating_add(clock.now(), 5ms);
 //   auto key = ec.prepare_wait();
 //   if (clock.now() >= deadline) ec.cancel_wait(); else clock.wait_until(ec, key, deadline);
 #pragma once
@@ -42,8 +44,9 @@
 #include <thread>
 #include <type_traits>
 
-#include "detail/event_count.hpp"
+#include "deadline.hpp"
 #include "detail/wait.hpp"
+#include "event_count.hpp"
 
 namespace sluice {
 
@@ -52,7 +55,7 @@ namespace sluice {
 template <class C>
 concept clock_source =
     std::copy_constructible<C> &&
-    requires(const C& c, detail::event_count& ec, detail::event_count::key_type key,
+    requires(const C& c, event_count& ec, event_count::key_type key,
              typename C::time_point tp) {
       typename C::duration;
       typename C::time_point;
@@ -76,11 +79,11 @@ struct steady_clock {
 
   /// Parks until `ec` is notified after prepare_wait() returned `key` (or spuriously). Consumes
   /// the registration. Thread-safe. Never allocates. May block.
-  static void wait(detail::event_count& ec, detail::event_count::key_type key) noexcept { ec.wait(key); }
+  static void wait(event_count& ec, event_count::key_type key) noexcept { ec.wait(key); }
 
   /// As wait(), but also returns at `deadline`. Returns false if the deadline passed without a
   /// notification. Thread-safe. Never allocates. May block.
-  static bool wait_until(detail::event_count& ec, detail::event_count::key_type key,
+  static bool wait_until(event_count& ec, event_count::key_type key,
                          time_point deadline) noexcept {
     return ec.wait_until(key, deadline);
   }
@@ -89,39 +92,6 @@ struct steady_clock {
 static_assert(clock_source<steady_clock>);
 
 namespace detail {
-
-/// `d` converted to duration D (rounded up), saturating at D::max()/D::min() instead of
-/// overflowing. Never allocates.
-template <class D, class Rep, class Period>
-[[nodiscard]] constexpr D saturating_ceil(const std::chrono::duration<Rep, Period>& d) noexcept {
-  // long double holds every int64 exactly on x86-64 and AArch64, so the range test is exact.
-  using wide = std::chrono::duration<long double, typename D::period>;
-  const wide w = std::chrono::duration_cast<wide>(d);
-  if (!(w < wide(D::max()))) return D::max();  // also catches NaN
-  if (!(w > wide(D::min()))) return D::min();
-  return std::chrono::ceil<D>(w);
-}
-
-/// tp + d, saturating at time_point::max()/min(). `d` may be of any duration type.
-template <class Clock, class Dur, class Rep, class Period>
-[[nodiscard]] constexpr std::chrono::time_point<Clock, Dur> saturating_add(
-    const std::chrono::time_point<Clock, Dur>& tp, const std::chrono::duration<Rep, Period>& d) noexcept {
-  using tp_type = std::chrono::time_point<Clock, Dur>;
-  using wide = std::chrono::duration<long double, typename Dur::period>;
-  const wide w = std::chrono::duration_cast<wide>(d);
-  const wide sum = wide(tp.time_since_epoch()) + w;  // exact for int64 counts (64-bit mantissa)
-  if (!(sum < wide(Dur::max()))) return tp_type::max();  // also catches NaN
-  if (!(sum > wide(Dur::min()))) return tp_type::min();
-  if (w < wide(Dur::max()) && w > wide(Dur::min())) {
-    // The common case: d fits in Dur; finish in integers, still guarding the rounding edge.
-    const Dur dd = std::chrono::ceil<Dur>(w);
-    const Dur since = tp.time_since_epoch();
-    if (dd > Dur::zero() && since > Dur::max() - dd) return tp_type::max();
-    if (dd < Dur::zero() && since < Dur::min() - dd) return tp_type::min();
-    return tp + dd;
-  }
-  return tp_type(std::chrono::ceil<Dur>(sum));  // d alone is out of range but the sum is not
-}
 
 /// block_until() for components with a Clock: waits until ready() holds, the clock reaches
 /// `deadline` (nullopt: no limit), or `stop` (may be null) is triggered. Spins `spins` times on

@@ -6,8 +6,9 @@
 // triggered. The caller's wakers must make `ready()` true *before* calling ec.notify_*().
 //
 // Deadlines are std::chrono::steady_clock time points; deadline_after() and to_steady() convert a
-// caller's duration or foreign-clock time point, saturating instead of overflowing (a duration of
-// hours::max() is "wait forever", never undefined behaviour).
+// caller's duration or foreign-clock time point with sluice::saturating_add (deadline.hpp), the
+// library's one saturating helper: a duration of hours::max() is "wait forever", a NaN duration is
+// "already expired", never undefined behaviour.
 #pragma once
 
 #include <chrono>
@@ -16,6 +17,7 @@
 #include <thread>
 #include <type_traits>
 
+#include "../deadline.hpp"
 #include "event_count.hpp"
 
 namespace sluice::detail {
@@ -24,35 +26,34 @@ using steady_time = std::chrono::steady_clock::time_point;
 
 enum class wait_outcome { ready, timeout, cancelled };
 
-/// now + d, saturating at steady_time::max() (and at now for negative d).
+/// now + d on steady_clock, through the library's one saturating helper (sluice::saturating_add,
+/// deadline.hpp): saturates at steady_time::max(); d <= 0 and NaN give now (already expired).
 template <class Rep, class Period>
 [[nodiscard]] steady_time deadline_after(const std::chrono::duration<Rep, Period>& d) noexcept {
   const auto now = std::chrono::steady_clock::now();
-  if (d <= d.zero()) return now;
-  using steady_duration = std::chrono::steady_clock::duration;
-  const auto room = steady_time::max() - now;
-  // Compare in the coarser of the two units so the comparison itself cannot overflow.
-  if (std::chrono::duration_cast<std::chrono::duration<double>>(d) >=
-      std::chrono::duration_cast<std::chrono::duration<double>>(room)) {
-    return steady_time::max();
-  }
-  return now + std::chrono::ceil<steady_duration>(d);
+  if (d <= d.zero()) return now;  // no rounding up of a negative value past now
+  return sluice::saturating_add(now, d);
 }
 
 /// Converts a time point of any clock to a steady deadline (relative to that clock's now()).
-/// Far-future and far-past time points saturate instead of overflowing.
+/// Far-future and far-past time points saturate instead of overflowing; a NaN time point is now.
 template <class Clock, class Duration>
 [[nodiscard]] steady_time to_steady(const std::chrono::time_point<Clock, Duration>& tp) noexcept {
   if constexpr (std::is_same_v<Clock, std::chrono::steady_clock> &&
                 std::is_same_v<Duration, std::chrono::steady_clock::duration>) {
     return tp;
   } else {
-    // In floating-point seconds: the difference of two extreme time points cannot overflow.
-    using seconds_f = std::chrono::duration<double>;
-    const auto remaining = seconds_f(tp.time_since_epoch()) - seconds_f(Clock::now().time_since_epoch());
+    // In long double (exact for int64 counts on x86-64 and AArch64 Linux): the difference of two
+    // extreme time points cannot overflow, and a NaN stays NaN (then: now).
+    using wide = std::chrono::duration<long double, typename Duration::period>;
+    const auto remaining = wide(tp.time_since_epoch()) - std::chrono::duration_cast<wide>(Clock::now().time_since_epoch());
     return deadline_after(remaining);
   }
 }
+
+// The saturating helpers used to live here and in clock.hpp; the one copy is public now.
+using sluice::saturating_add;
+using sluice::saturating_ceil;
 
 /// Spin iterations before parking. Short on purpose: on a machine with fewer cores than threads a
 /// long spin steals the CPU from the very thread that would make the condition true.
@@ -70,8 +71,9 @@ template <class Ready, class Park>
     cpu_relax();
   }
   if (ready()) return wait_outcome::ready;
-  // A yield lets a preempted waker on the same core finish before we pay for a park.
-  std::this_thread::yield();
+  // A yield lets a preempted waker on the same core finish before we pay for a park. spins == 0
+  // means the caller did its own spinning and yielding (sluice::channel): park at once.
+  if (spins > 0) std::this_thread::yield();
 
   auto park_loop = [&]() -> wait_outcome {
     for (;;) {

@@ -45,7 +45,8 @@
 #include <string>
 
 #include "../clock.hpp"
-#include "../detail/event_count.hpp"
+#include "../deadline.hpp"
+#include "../event_count.hpp"
 
 namespace sluice::testing {
 
@@ -78,7 +79,7 @@ class manual_clock {
                                   std::to_string(std::chrono::duration_cast<duration>(d).count()) + "ns");
     }
     std::lock_guard lock(state_->mutex);
-    state_->now = detail::saturating_add(state_->now, d);
+    state_->now = saturating_add(state_->now, d);
     wake_all_locked();
   }
 
@@ -119,7 +120,7 @@ class manual_clock {
   template <class Rep, class Period>
   [[nodiscard]] bool wait_for_waiters_for(std::size_t n,
                                           const std::chrono::duration<Rep, Period>& real_timeout) const noexcept {
-    const auto deadline = detail::saturating_add(std::chrono::steady_clock::now(), real_timeout);
+    const auto deadline = saturating_add(std::chrono::steady_clock::now(), real_timeout);
     for (;;) {
       const auto key = state_->registered.prepare_wait();
       if (waiters() >= n) {
@@ -132,21 +133,21 @@ class manual_clock {
 
   /// clock_source: parks on `ec` until notified or until any advance()/set(). Consumes the
   /// registration made by ec.prepare_wait(). Thread-safe. Never allocates. May block.
-  void wait(detail::event_count& ec, detail::event_count::key_type key) const noexcept {
+  void wait(event_count& ec, event_count::key_type key) const noexcept {
     park(ec, key, nullptr);
   }
 
   /// clock_source: parks on `ec` until notified, or until time reaches `deadline` (via advance()
   /// or set()). Returns false if `deadline` has been reached. Thread-safe. Never allocates. May
   /// block.
-  bool wait_until(detail::event_count& ec, detail::event_count::key_type key, time_point deadline) const noexcept {
+  bool wait_until(event_count& ec, event_count::key_type key, time_point deadline) const noexcept {
     return park(ec, key, &deadline);
   }
 
  private:
   // One per parked thread, on that thread's stack; linked into the registry while parked.
   struct waiter {
-    detail::event_count* ec;
+    event_count* ec;
     waiter* prev = nullptr;
     waiter* next = nullptr;
     bool linked = false;
@@ -157,10 +158,10 @@ class manual_clock {
     time_point now{};
     waiter* head = nullptr;  // registry of parked threads (intrusive list, guarded by mutex)
     std::size_t count = 0;   // length of the registry
-    detail::event_count registered;  // notified whenever a thread joins the registry
+    event_count registered;  // notified whenever a thread joins the registry
   };
 
-  bool park(detail::event_count& ec, detail::event_count::key_type key, const time_point* deadline) const noexcept {
+  bool park(event_count& ec, event_count::key_type key, const time_point* deadline) const noexcept {
     waiter self{&ec};
     {
       std::lock_guard lock(state_->mutex);
