@@ -334,7 +334,7 @@ struct multimap_blocking {
 struct sluice_blocking {
   sluice::requeue_queue<key_t, item_t> q;
   bool schedule(key_t k, time_point d) {
-    return q.schedule_at(k, item_t{k}, d, sluice::schedule_policy::replace) != sluice::schedule_result::closed;
+    return q.schedule_at(k, item_t{k}, d, sluice::schedule_policy::replace) != sluice::schedule_status::closed;
   }
   std::optional<std::pair<key_t, time_point>> pop() {
     auto e = q.pop();

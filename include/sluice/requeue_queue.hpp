@@ -7,14 +7,16 @@
 // cancel and reschedule; detail/indexed_heap.hpp), and a waiting consumer sleeps until exactly the
 // earliest deadline.
 //
-// Requirements: Key copy-constructible and hashable (Hash, KeyEqual); Key and T nothrow
-// move-constructible. Clock models sluice::clock_source (clock.hpp) and is held by value.
+// Requirements: Key satisfies sluice::hashable_key<Key, Hash, KeyEqual> (key.hpp: copyable,
+// hashable, equality-comparable; a key without std::hash is reported in one readable line); Key and
+// T nothrow move-constructible. Clock models sluice::clock_source (clock.hpp) and is held by value.
 //
 // Guarantees:
 // - Order: entries pop in deadline order; equal deadlines pop in the order they were scheduled (or
 //   last changed). An entry is never handed out before its deadline on `Clock`.
-// - Deadlines: a zero or negative delay is due now; a delay beyond `horizon` (100 years) is clamped
-//   to now + horizon, and time points are added with saturation: nothing overflows (kube-rs#1779).
+// - Deadlines: a zero, negative or NaN delay is due now; a delay beyond `horizon` (100 years, also
+//   +inf) is clamped to now + horizon, and time points are added with saturation
+//   (sluice::saturating_add): nothing overflows (kube-rs#1779). try_pop_for(NaN) polls once.
 // - Nothing vanishes: each accepted entry is popped exactly once, cancelled, replaced by a later
 //   schedule of the same key (the policy says how), or returned by take_all(). A schedule that is
 //   not accepted (unchanged / full / closed) does not consume the caller's item.
@@ -55,8 +57,10 @@
 #include <vector>
 
 #include "clock.hpp"
-#include "detail/event_count.hpp"
+#include "deadline.hpp"
 #include "detail/indexed_heap.hpp"
+#include "event_count.hpp"
+#include "key.hpp"
 
 namespace sluice {
 
@@ -68,7 +72,7 @@ enum class schedule_policy {
 };
 
 /// What schedule() did. Only `added` and `changed` consume the item.
-enum class schedule_result {
+enum class schedule_status {
   added,      ///< no entry was pending for the key; one is now
   changed,    ///< the pending entry took the new item and deadline
   unchanged,  ///< the pending entry was kept (policy); the item was not consumed
@@ -79,6 +83,14 @@ enum class schedule_result {
 template <class Key, class T, clock_source Clock = steady_clock, class Hash = std::hash<Key>,
           class KeyEqual = std::equal_to<Key>>
 class requeue_queue {
+  static_assert(hashable_key<Key, Hash, KeyEqual>,
+                "sluice::requeue_queue<Key, T>: Key must be copyable, hashable and equality-comparable: "
+                "give it a std::hash<Key> specialisation and operator==, or pass Hash / KeyEqual "
+                "(see sluice::hashable_key in <sluice/key.hpp>)");
+  // Hash / KeyEqual, or stand-ins when the assertion above fails (so it is the only error).
+  using hash_type = detail::checked_hash<Key, Hash, KeyEqual>;
+  using key_equal_type = detail::checked_key_equal<Key, Hash, KeyEqual>;
+
  public:
   using key_type = Key;
   using item_type = T;
@@ -106,8 +118,8 @@ class requeue_queue {
 
   /// `capacity`: the most entries that may be pending (>= 1, else std::invalid_argument);
   /// schedule() reports `full` beyond it. May allocate (the clock's copy).
-  explicit requeue_queue(Clock clock = Clock{}, std::size_t capacity = unbounded, Hash hash = Hash{},
-                         KeyEqual eq = KeyEqual{})
+  explicit requeue_queue(Clock clock = Clock{}, std::size_t capacity = unbounded, hash_type hash = hash_type{},
+                         key_equal_type eq = key_equal_type{})
       : clock_(std::move(clock)), capacity_(capacity), heap_(std::move(hash), std::move(eq)) {
     if (capacity == 0) throw std::invalid_argument("sluice::requeue_queue: capacity must be >= 1, got 0");
   }
@@ -120,28 +132,29 @@ class requeue_queue {
 
   // ---- scheduling ------------------------------------------------------------------------
 
-  /// Makes `item` due for `key` at now() + delay (delay <= 0: due now; > horizon: clamped).
+  /// Makes `item` due for `key` at now() + delay (delay <= 0 or NaN: due now; > horizon, +inf:
+  /// clamped).
   /// Moves `item` only when the result is added or changed. Thread-safe. May allocate (amortised
   /// O(1) array growth); O(log n). Wakes a parked consumer only if this deadline is earlier than
   /// the one it sleeps until.
   template <class Rep, class Period>
-  [[nodiscard]] schedule_result schedule(const Key& key, T&& item, const std::chrono::duration<Rep, Period>& delay,
+  [[nodiscard]] schedule_status schedule(const Key& key, T&& item, const std::chrono::duration<Rep, Period>& delay,
                                          schedule_policy policy = schedule_policy::keep_earliest) {
     return schedule_impl(key, std::move(item), &delay, nullptr, policy);
   }
   template <class Rep, class Period>
-  [[nodiscard]] schedule_result schedule(const Key& key, const T& item, const std::chrono::duration<Rep, Period>& delay,
+  [[nodiscard]] schedule_status schedule(const Key& key, const T& item, const std::chrono::duration<Rep, Period>& delay,
                                          schedule_policy policy = schedule_policy::keep_earliest) {
     return schedule_impl(key, item, &delay, nullptr, policy);
   }
 
   /// As schedule(), at an absolute deadline of Clock (a past one is due now; beyond now() +
   /// horizon it is clamped). Thread-safe. May allocate. O(log n).
-  [[nodiscard]] schedule_result schedule_at(const Key& key, T&& item, time_point deadline,
+  [[nodiscard]] schedule_status schedule_at(const Key& key, T&& item, time_point deadline,
                                             schedule_policy policy = schedule_policy::keep_earliest) {
     return schedule_impl(key, std::move(item), static_cast<const duration*>(nullptr), &deadline, policy);
   }
-  [[nodiscard]] schedule_result schedule_at(const Key& key, const T& item, time_point deadline,
+  [[nodiscard]] schedule_status schedule_at(const Key& key, const T& item, time_point deadline,
                                             schedule_policy policy = schedule_policy::keep_earliest) {
     return schedule_impl(key, item, static_cast<const duration*>(nullptr), &deadline, policy);
   }
@@ -201,11 +214,11 @@ class requeue_queue {
     return take_top_locked();
   }
 
-  /// As pop(), giving up after `timeout` on Clock (a manual clock must be advanced past it).
-  /// Thread-safe. May block.
+  /// As pop(), giving up after `timeout` on Clock (a manual clock must be advanced past it). A
+  /// zero, negative or NaN timeout polls once. Thread-safe. May block.
   template <class Rep, class Period>
   [[nodiscard]] std::optional<entry> try_pop_for(const std::chrono::duration<Rep, Period>& timeout) {
-    return pop_impl(detail::saturating_add(clock_.now(), timeout), nullptr);
+    return pop_impl(saturating_add(clock_.now(), timeout), nullptr);
   }
 
   /// As pop(), giving up at `deadline` on Clock. Thread-safe. May block.
@@ -268,7 +281,7 @@ class requeue_queue {
   }
 
  private:
-  using heap_t = detail::indexed_heap<Key, T, time_point, Hash, KeyEqual>;
+  using heap_t = detail::indexed_heap<Key, T, time_point, hash_type, key_equal_type>;
 
   // The deadline for a schedule, clamped to now() + horizon. A schedule_at() whose deadline is
   // below a bound computed from an earlier now() needs no clock read (now() only grows).
@@ -278,11 +291,11 @@ class requeue_queue {
     const time_point limit = clamp_free_until_;
     if (at != nullptr) return *at < limit ? *at : limit;
     if (*delay <= duration::zero()) return now;
-    return *delay < horizon ? detail::saturating_add(now, *delay) : limit;
+    return *delay < horizon ? saturating_add(now, *delay) : limit;
   }
 
   template <class U, class Rep, class Period>
-  schedule_result schedule_impl(const Key& key, U&& item, const std::chrono::duration<Rep, Period>* delay,
+  schedule_status schedule_impl(const Key& key, U&& item, const std::chrono::duration<Rep, Period>* delay,
                                 const time_point* at, schedule_policy policy) {
     // Convert a foreign duration to Clock's, saturating, before taking the lock.
     duration d{};
@@ -290,28 +303,37 @@ class requeue_queue {
       d = (*delay <= delay->zero()) ? duration::zero()
           : (std::chrono::duration<long double>(*delay) >= std::chrono::duration<long double>(horizon))
               ? horizon
-              : detail::saturating_ceil<duration>(*delay);
+              : saturating_ceil<duration>(*delay);
     }
     bool wake = false;
-    schedule_result result;
+    schedule_status result;
     {
       std::lock_guard lock(mutex_);
-      if (closed_) return schedule_result::closed;
+      if (closed_) return schedule_status::closed;
       const time_point deadline = deadline_locked(delay != nullptr ? &d : nullptr, at);
-      heap_.reserve_one();  // before locate(): the insert below then cannot rehash
-      const auto where = heap_.locate(key);
+      auto where = heap_.locate(key);  // Hash / KeyEqual may throw: nothing changed yet
       const auto s = where.found;
       if (s == heap_t::npos) {
-        if (heap_.size() >= capacity_) return schedule_result::full;
-        heap_.insert(where, key, std::forward<U>(item), deadline);
-        result = schedule_result::added;
+        if (heap_.size() >= capacity_) return schedule_status::full;
+        try {
+          // Grow only for an insert; a grown index moved the buckets, so look again (rare:
+          // amortised O(1) growth steps).
+          if (heap_.reserve_one()) where = heap_.locate(key);
+          heap_.insert(where, key, std::forward<U>(item), deadline);  // strong guarantee
+        } catch (...) {
+          // A throwing Key/T copy, Hash or KeyEqual (or bad_alloc) on an empty queue must not
+          // leave the arrays just reserved behind: "all of it released at zero" (issue 7).
+          heap_.release_if_empty();
+          throw;
+        }
+        result = schedule_status::added;
       } else if (policy == schedule_policy::keep_existing ||
                  (policy == schedule_policy::keep_earliest && !(deadline < heap_.deadline(s)))) {
-        return schedule_result::unchanged;
+        return schedule_status::unchanged;
       } else {
         heap_.at(s).item = std::forward<U>(item);
         heap_.update(s, deadline);
-        result = schedule_result::changed;
+        result = schedule_status::changed;
       }
       // Wake the leader only if it sleeps past this deadline; record that it will now wake by
       // then, so concurrent schedulers of later deadlines do not notify again.
@@ -328,7 +350,7 @@ class requeue_queue {
   // a lower bound of the current time.
   time_point now_locked() noexcept {
     last_now_ = clock_.now();
-    clamp_free_until_ = detail::saturating_add(last_now_, horizon);
+    clamp_free_until_ = saturating_add(last_now_, horizon);
     return last_now_;
   }
 
@@ -434,8 +456,8 @@ class requeue_queue {
   time_point last_now_ = time_point::min();          // the latest clock reading (a lower bound of now)
   time_point clamp_free_until_ = time_point::min();  // last_now_ + horizon: deadlines <= this need no clamping
   std::size_t followers_ = 0;
-  detail::event_count leader_ec_;
-  detail::event_count follower_ec_;
+  event_count leader_ec_;
+  event_count follower_ec_;
 };
 
 }  // namespace sluice

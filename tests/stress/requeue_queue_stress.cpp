@@ -20,7 +20,7 @@
 
 using namespace std::chrono_literals;
 using sluice::schedule_policy;
-using sluice::schedule_result;
+using sluice::schedule_status;
 using sluice::testing::manual_clock;
 
 namespace {
@@ -88,11 +88,11 @@ void run(int schedulers, int consumers, std::uint64_t seed) {
                                      : schedule_policy::keep_existing;
         const auto delay = std::chrono::microseconds(static_cast<std::int64_t>(rng() % 20'000)) - 2ms;
         switch (q.schedule(key, id, delay, policy)) {
-          case schedule_result::added: ++c.added; break;
-          case schedule_result::changed: ++c.changed; break;
-          case schedule_result::unchanged: break;
-          case schedule_result::full:
-          case schedule_result::closed: ++unexpected; break;
+          case schedule_status::added: ++c.added; break;
+          case schedule_status::changed: ++c.changed; break;
+          case schedule_status::unchanged: break;
+          case schedule_status::full:
+          case schedule_status::closed: ++unexpected; break;
         }
       }
     });

@@ -78,21 +78,32 @@ class indexed_heap {
   [[nodiscard]] TimePoint top_deadline() const noexcept { return heap_.front().deadline; }
   [[nodiscard]] payload& at(handle b) noexcept { return *slots_[index_[b].slot]; }
 
-  /// Makes room for one more entry (call before locate() when an insert may follow, so the
-  /// insert() cannot rehash). Strong guarantee.
-  void reserve_one() {
+  /// Makes room for one more entry, so the following insert() cannot allocate. Returns true if it
+  /// rebuilt the index, which invalidates earlier lookups (locate() again). Strong guarantee for
+  /// the contents; on an exception the capacity reserved so far stays (see release_if_empty()).
+  bool reserve_one() {
     if (size() + 1 > std::numeric_limits<std::uint32_t>::max() / 4) {
       throw std::length_error("sluice::requeue_queue: too many entries");
     }
     heap_.reserve(grown(heap_.size() + 1, heap_.capacity()));
     free_.reserve(grown(slots_.size() + 1, free_.capacity()));
     if (free_.empty()) slots_.reserve(grown(slots_.size() + 1, slots_.capacity()));
-    if ((size() + 1) * 2 > index_.size()) rebuild_index(std::max<std::size_t>(16, index_.size() * 2));
+    if ((size() + 1) * 2 > index_.size()) {
+      rebuild_index(std::max<std::size_t>(16, index_.size() * 2));
+      return true;
+    }
+    return false;
   }
 
-  /// Adds a new entry for `key`, which locate() (called after reserve_one(), with nothing changed
-  /// since) reported absent. Strong guarantee: if copying the key or constructing the item
-  /// throws, nothing has changed and `item` has not been moved from.
+  /// Releases every array if there are no entries (after a failed insert on an empty heap).
+  void release_if_empty() noexcept {
+    if (empty()) clear();
+  }
+
+  /// Adds a new entry for `key`, which locate() reported absent, after reserve_one() and with
+  /// nothing changed since (if reserve_one() returned true, the lookup must be made after it).
+  /// Strong guarantee: if copying the key or constructing the item throws, nothing has changed
+  /// and `item` has not been moved from.
   template <class U>
   handle insert(const lookup& where, const Key& key, U&& item, TimePoint deadline) {
     std::uint32_t s;
@@ -302,13 +313,8 @@ class indexed_heap {
       const std::size_t n = heap_.size();
       std::size_t hole = 0;
       for (;;) {
-        const std::size_t first = hole * 4 + 1;
-        if (first >= n) break;
-        std::size_t best = first;
-        const std::size_t end = std::min(first + 4, n);
-        for (std::size_t c = first + 1; c < end; ++c) {
-          if (before(heap_[c], heap_[best])) best = c;
-        }
+        const std::size_t best = smallest_child(hole, n);
+        if (best == n) break;
         place(hole, heap_[best]);
         hole = best;
       }
@@ -344,18 +350,25 @@ class indexed_heap {
     const node moving = heap_[pos];
     const std::size_t n = heap_.size();
     for (;;) {
-      const std::size_t first = pos * 4 + 1;
-      if (first >= n) break;
-      std::size_t best = first;
-      const std::size_t end = std::min(first + 4, n);
-      for (std::size_t c = first + 1; c < end; ++c) {
-        if (before(heap_[c], heap_[best])) best = c;
-      }
-      if (!before(heap_[best], moving)) break;
+      const std::size_t best = smallest_child(pos, n);
+      if (best == n || !before(heap_[best], moving)) break;
       place(pos, heap_[best]);
       pos = best;
     }
     place(pos, moving);
+  }
+
+  // The earliest of pos's (up to four) children among the first n nodes, or n if it has none.
+  // The one "smallest of four children" loop, shared by sift_down() and the bottom-up pop.
+  std::size_t smallest_child(std::size_t pos, std::size_t n) const noexcept {
+    const std::size_t first = pos * 4 + 1;
+    if (first >= n) return n;
+    std::size_t best = first;
+    const std::size_t end = std::min(first + 4, n);
+    for (std::size_t c = first + 1; c < end; ++c) {
+      if (before(heap_[c], heap_[best])) best = c;
+    }
+    return best;
   }
 
   void place(std::size_t pos, const node& n) noexcept {
