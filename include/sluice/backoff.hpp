@@ -7,7 +7,8 @@
 //       none:  that value;   full: uniform in [0, value];   equal: value/2 + uniform in [0, value/2]
 // With `max_retries` set, the failure after max_retries retries says give up instead of a delay.
 //
-// Requirements: Key hashable with Hash / KeyEqual and copy-constructible. The random source, if
+// Requirements: Key satisfies sluice::hashable_key<Key, Hash, KeyEqual> (key.hpp: copyable,
+// hashable, equality-comparable; a key without std::hash is reported in one readable line). The random source, if
 // given, returns doubles in [0, 1] (values outside are clamped, NaN counts as 0); it is called
 // under the backoff's lock, so it needs no locking of its own but must not call back into this
 // backoff.
@@ -28,7 +29,7 @@
 //   sluice::backoff<std::string> retry({.base = 10ms, .max = 5min, .max_retries = 8});
 //   if (auto d = retry.failure(key)) (void)queue.schedule(key, item, d.delay);
 //   else report_given_up(key, d.failures);
-//   ...on success: retry.forget(key);
+//   retry.forget(key);                              // once the key succeeds
 #pragma once
 
 #include <algorithm>
@@ -43,6 +44,8 @@
 #include <string>
 #include <unordered_map>
 #include <utility>
+
+#include "key.hpp"
 
 namespace sluice {
 
@@ -71,6 +74,15 @@ struct [[nodiscard]] backoff_decision {
 
 template <class Key, class Hash = std::hash<Key>, class KeyEqual = std::equal_to<Key>>
 class backoff {
+  static_assert(hashable_key<Key, Hash, KeyEqual>,
+                "sluice::backoff<Key>: Key must be copyable, hashable and equality-comparable: "
+                "give it a std::hash<Key> specialisation and operator==, or pass Hash / KeyEqual "
+                "(see sluice::hashable_key in <sluice/key.hpp>)");
+  // The map's hash and equality: Hash / KeyEqual, or stand-ins when the assertion above fails (so
+  // that it is the only error).
+  using map_type = std::unordered_map<Key, std::uint32_t, detail::checked_hash<Key, Hash, KeyEqual>,
+                                      detail::checked_key_equal<Key, Hash, KeyEqual>>;
+
  public:
   using random_source = std::function<double()>;
 
@@ -196,14 +208,14 @@ class backoff {
     return hi * q + ((lo * q) >> 32);
   }
 
-  void erase_locked(typename std::unordered_map<Key, std::uint32_t, Hash, KeyEqual>::iterator it) noexcept {
+  void erase_locked(typename map_type::iterator it) noexcept {
     failures_.erase(it);
     // unordered_map never shrinks its bucket array on erase; give memory back when the failing
     // set has shrunk to an eighth of it (amortised O(1): the rehash follows many erasures).
     if (failures_.empty()) {
       if (failures_.bucket_count() > 64) {
         try {
-          std::unordered_map<Key, std::uint32_t, Hash, KeyEqual> fresh(0, failures_.hash_function(), failures_.key_eq());
+          map_type fresh(0, failures_.hash_function(), failures_.key_eq());
           failures_.swap(fresh);
         } catch (...) {
         }
@@ -219,7 +231,7 @@ class backoff {
   const backoff_options options_;
   mutable std::mutex mutex_;
   random_source random_;
-  std::unordered_map<Key, std::uint32_t, Hash, KeyEqual> failures_;
+  map_type failures_;
 };
 
 }  // namespace sluice

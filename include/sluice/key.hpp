@@ -12,6 +12,12 @@
 // With the defaults (std::hash<Key>, std::equal_to<Key>) that means: give the key a std::hash
 // specialisation and an operator==, or pass your own Hash / KeyEqual.
 //
+// How a component states it (so the message is the *only* error): its class body begins with
+//   static_assert(sluice::hashable_key<Key, Hash, KeyEqual>, "sluice::<component>: Key needs ...");
+// and it uses detail::checked_hash / detail::checked_key_equal (below) for its members instead of
+// Hash / KeyEqual directly. When the concept fails those name a harmless stand-in, so the rest of
+// the class still compiles and no cascade of errors from inside a hash table follows the message.
+//
 // Example:
 //   struct uid { std::string value; bool operator==(const uid&) const = default; };
 //   template <> struct std::hash<uid> { std::size_t operator()(const uid& u) const noexcept {
@@ -22,6 +28,7 @@
 #include <concepts>
 #include <cstddef>
 #include <functional>
+#include <type_traits>
 
 namespace sluice {
 
@@ -35,4 +42,26 @@ concept hashable_key =
       { eq(a, b) } -> std::convertible_to<bool>;
     };
 
+namespace detail {
+
+/// Stand-ins a keyed component uses when hashable_key fails, so that its static_assert is the only
+/// error the compiler reports. Never used by a program that compiles.
+template <class Key>
+struct unusable_hash {
+  std::size_t operator()(const Key&) const noexcept { return 0; }
+};
+template <class Key>
+struct unusable_key_equal {
+  bool operator()(const Key&, const Key&) const noexcept { return false; }
+};
+
+/// Hash if hashable_key<Key, Hash, KeyEqual> holds, else the stand-in.
+template <class Key, class Hash, class KeyEqual>
+using checked_hash = std::conditional_t<hashable_key<Key, Hash, KeyEqual>, Hash, unusable_hash<Key>>;
+
+/// KeyEqual if hashable_key<Key, Hash, KeyEqual> holds, else the stand-in.
+template <class Key, class Hash, class KeyEqual>
+using checked_key_equal = std::conditional_t<hashable_key<Key, Hash, KeyEqual>, KeyEqual, unusable_key_equal<Key>>;
+
+}  // namespace detail
 }  // namespace sluice
