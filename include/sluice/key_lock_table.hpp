@@ -53,11 +53,20 @@
 #include "detail/lock_handoff.hpp"
 #include "detail/lock_table_shard.hpp"
 #include "detail/wait.hpp"
+#include "key.hpp"
 
 namespace sluice {
 
-template <class Key, class Hash = std::hash<Key>, class KeyEqual = std::equal_to<Key>>
+template <class Key, class UserHash = std::hash<Key>, class UserKeyEqual = std::equal_to<Key>>
 class key_lock_table {
+  static_assert(hashable_key<Key, UserHash, UserKeyEqual>,
+                "sluice::key_lock_table<Key>: Key must be copyable, hashable and equality-comparable: "
+                "give it a std::hash<Key> specialisation and operator==, or pass Hash / KeyEqual "
+                "(see sluice::hashable_key in <sluice/key.hpp>)");
+  // The caller's Hash / KeyEqual, or stand-ins when the assertion above fails (so it is the only
+  // error, with no cascade from the code below).
+  using Hash = detail::checked_hash<Key, UserHash, UserKeyEqual>;
+  using KeyEqual = detail::checked_key_equal<Key, UserHash, UserKeyEqual>;
   using shard_type = detail::lock_table_shard<Key>;
   using entry = typename shard_type::entry;
 
