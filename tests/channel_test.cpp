@@ -326,10 +326,10 @@ TEST_CASE("channel: full_mode reject returns full and keeps the value") {
   CHECK(ch.accepted() == 2);
 }
 
-TEST_CASE("channel: full_mode drop_newest hands the item being sent to the drop callback") {
+TEST_CASE("channel: full_mode drop_write hands the item being sent to the drop callback") {
   std::vector<int> dropped;
   channel<box> ch({.capacity = 2,
-                   .full_mode = channel_full_mode::drop_newest,
+                   .full_mode = channel_full_mode::drop_write,
                    .on_drop = [&](box&& b) { dropped.push_back(*b); }});
   REQUIRE(ch.send(make_box(1)) == channel_status::ok);
   REQUIRE(ch.send(make_box(2)) == channel_status::ok);
@@ -371,7 +371,7 @@ TEST_CASE("channel: full_mode drop_oldest evicts the oldest item to the drop cal
 }
 
 TEST_CASE("channel: dropped items are counted even without a callback") {
-  for (auto mode : {channel_full_mode::drop_oldest, channel_full_mode::drop_newest}) {
+  for (auto mode : {channel_full_mode::drop_oldest, channel_full_mode::drop_write}) {
     tracked::live = 0;
     {
       channel<tracked> ch(2, mode);
@@ -385,7 +385,7 @@ TEST_CASE("channel: dropped items are counted even without a callback") {
 }
 
 TEST_CASE("channel: a throwing drop callback is counted and never breaks the channel") {
-  for (auto mode : {channel_full_mode::drop_oldest, channel_full_mode::drop_newest}) {
+  for (auto mode : {channel_full_mode::drop_oldest, channel_full_mode::drop_write}) {
     int calls = 0;
     channel<int> ch({.capacity = 1, .full_mode = mode, .on_drop = [&](int&&) {
                        ++calls;
@@ -487,7 +487,7 @@ TEST_CASE("channel: send_batch in the drop and reject modes") {
     CHECK(ch.send_batch(items) == 2);
   }
   {
-    channel<int> ch({.capacity = 2, .full_mode = channel_full_mode::drop_newest, .on_drop = on_drop});
+    channel<int> ch({.capacity = 2, .full_mode = channel_full_mode::drop_write, .on_drop = on_drop});
     CHECK(ch.send_batch(items) == 5);
     CHECK(dropped == std::vector<int>{2, 3, 4});
     CHECK(ch.receive() == 0);
@@ -701,4 +701,105 @@ TEST_CASE("channel: received() never wraps around while producers evict") {
   CHECK(worst.load() == 0);
   CHECK(ch.accepted() == static_cast<std::uint64_t>(sends));
   CHECK(ch.dropped() + ch.size() == static_cast<std::uint64_t>(sends));
+}
+
+// Issue 12 point 8: the status forms of receive say why nothing came.
+TEST_CASE("channel: receive status forms tell empty, timeout, cancelled and closed apart") {
+  channel<box> ch(2);
+  std::optional<box> out = make_box(-1);  // pre-filled: a failed receive leaves it untouched
+  CHECK(ch.try_receive(out) == channel_status::empty);
+  CHECK(ch.try_receive_for(out, 0ms) == channel_status::timeout);
+  CHECK(ch.try_receive_for(out, 2ms) == channel_status::timeout);
+  CHECK(ch.try_receive_until(out, std::chrono::steady_clock::now() - 1s) == channel_status::timeout);
+  CHECK(ch.try_receive_until(out, std::chrono::system_clock::now()) == channel_status::timeout);
+  std::stop_source stopped;
+  stopped.request_stop();
+  CHECK(ch.receive(out, stopped.get_token()) == channel_status::cancelled);
+  REQUIRE(out);
+  CHECK(**out == -1);
+
+  // An item that is there is ok even with a passed deadline or a stopped token; it replaces `out`.
+  REQUIRE(ch.try_send(make_box(1)) == channel_status::ok);
+  CHECK(ch.try_receive_for(out, -1s) == channel_status::ok);
+  CHECK(**out == 1);
+  REQUIRE(ch.try_send(make_box(2)) == channel_status::ok);
+  CHECK(ch.receive(out, stopped.get_token()) == channel_status::ok);
+  CHECK(**out == 2);
+  REQUIRE(ch.try_send(make_box(3)) == channel_status::ok);
+  CHECK(ch.try_receive(out) == channel_status::ok);
+  CHECK(**out == 3);
+  REQUIRE(ch.try_send(make_box(4)) == channel_status::ok);
+  CHECK(ch.receive(out) == channel_status::ok);
+  CHECK(**out == 4);
+
+  // Closed but not drained: items still come out with ok; then closed, from every form, at once.
+  REQUIRE(ch.try_send(make_box(5)) == channel_status::ok);
+  ch.close();
+  CHECK(ch.try_receive_until(out, std::chrono::steady_clock::now() + 1h) == channel_status::ok);
+  CHECK(**out == 5);
+  CHECK(ch.try_receive(out) == channel_status::closed);
+  CHECK(ch.try_receive_for(out, 1h) == channel_status::closed);
+  CHECK(ch.try_receive_until(out, std::chrono::system_clock::time_point::max()) == channel_status::closed);
+  CHECK(ch.receive(out) == channel_status::closed);
+  std::stop_source live;
+  CHECK(ch.receive(out, live.get_token()) == channel_status::closed);
+  CHECK(ch.receive(out, stopped.get_token()) == channel_status::closed);  // closed wins: it is final
+  CHECK(**out == 5);
+}
+
+TEST_CASE("channel: a blocked status receive reports cancelled, closed or ok as things happen") {
+  channel<int> ch(4);
+  std::stop_source stop;
+  std::atomic<pid_t> tid{0};
+  channel_status got = channel_status::ok;
+  {
+    std::jthread consumer([&] {
+      std::optional<int> out;
+      tid = current_tid();
+      got = ch.receive(out, stop.get_token());
+    });
+    await_parked(tid);
+    stop.request_stop();
+  }
+  CHECK(got == channel_status::cancelled);
+
+  tid = 0;
+  std::optional<int> value;
+  {
+    std::jthread consumer([&] {
+      tid = current_tid();
+      got = ch.try_receive_for(value, 1h);
+    });
+    await_parked(tid);
+    REQUIRE(ch.send(7) == channel_status::ok);
+  }
+  CHECK(got == channel_status::ok);
+  CHECK(value == 7);
+
+  tid = 0;
+  {
+    std::jthread consumer([&] {
+      tid = current_tid();
+      got = ch.try_receive_for(value, 1h);
+    });
+    await_parked(tid);
+    ch.close();
+  }
+  CHECK(got == channel_status::closed);
+  CHECK(value == 7);
+}
+
+// Issue 12 point 7: drop_write is .NET's DropWrite (the item being written is dropped).
+TEST_CASE("channel: drop_write keeps the queued items and drops the one being sent") {
+  std::vector<int> dropped;
+  channel<int> ch(2, channel_full_mode::drop_write, [&](int&& v) { dropped.push_back(v); });
+  REQUIRE(ch.send(1) == channel_status::ok);
+  REQUIRE(ch.send(2) == channel_status::ok);
+  CHECK(ch.send(3) == channel_status::dropped);
+  CHECK(ch.try_send(4) == channel_status::dropped);
+  CHECK(ch.try_send_for(5, 1h) == channel_status::dropped);  // never waits
+  CHECK(dropped == std::vector<int>{3, 4, 5});
+  CHECK(ch.receive() == 1);
+  CHECK(ch.receive() == 2);
+  CHECK(ch.full_mode() == channel_full_mode::drop_write);
 }

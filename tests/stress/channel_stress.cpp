@@ -142,7 +142,7 @@ void run(const run_config& cfg) {
         for (std::size_t i = 0; i < k; ++i) {
           if (i < n) {
             if (batch[i].check) fail.add("send_batch reported an item sent but did not move it");
-            status[seq + i] = accepted_ok;  // sent, or dropped under drop_newest: the callback tells
+            status[seq + i] = accepted_ok;  // sent, or dropped under drop_write: the callback tells
           } else if (!batch[i].intact()) {
             fail.add("send_batch damaged an item it did not send");
           }
@@ -167,7 +167,7 @@ void run(const run_config& cfg) {
           break;
         case channel_status::dropped:
           status[seq] = accepted_dropped;
-          if (cfg.mode != channel_full_mode::drop_newest) fail.add("dropped status outside drop_newest");
+          if (cfg.mode != channel_full_mode::drop_write) fail.add("dropped status outside drop_write");
           break;
         case channel_status::full:
           if (op == 0 || op == 1 || op == 2 || op == 7) {
@@ -293,5 +293,5 @@ void sweep(channel_full_mode mode) {
 
 TEST_CASE("channel: stress, wait mode conserves every item in per-producer order") { sweep(channel_full_mode::wait); }
 TEST_CASE("channel: stress, reject mode conserves every item in per-producer order") { sweep(channel_full_mode::reject); }
-TEST_CASE("channel: stress, drop_newest mode accounts for every item") { sweep(channel_full_mode::drop_newest); }
+TEST_CASE("channel: stress, drop_write mode accounts for every item") { sweep(channel_full_mode::drop_write); }
 TEST_CASE("channel: stress, drop_oldest mode accounts for every item") { sweep(channel_full_mode::drop_oldest); }
