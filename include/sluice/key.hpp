@@ -8,7 +8,8 @@
 // Requirements (the concept `sluice::hashable_key<Key, Hash, KeyEqual>`):
 //   - Key is copy-constructible and destructible (components keep a copy of the key);
 //   - Hash is copy-constructible and `hash(key)` returns something convertible to std::size_t;
-//   - KeyEqual is copy-constructible and `eq(a, b)` is convertible to bool.
+//   - KeyEqual is copy-constructible and `eq(a, b)` is convertible to bool (for the default
+//     std::equal_to<Key>: `a == b` is, since std::equal_to itself accepts any type until used).
 // With the defaults (std::hash<Key>, std::equal_to<Key>) that means: give the key a std::hash
 // specialisation and an operator==, or pass your own Hash / KeyEqual.
 //
@@ -32,11 +33,21 @@
 
 namespace sluice {
 
+namespace detail {
+/// std::equal_to<Key>::operator() is declared for every Key (its body fails later, deep inside a
+/// hash table), so for that default the concept asks for `a == b` itself.
+template <class Key, class KeyEqual>
+concept usable_key_equal =
+    !std::is_same_v<KeyEqual, std::equal_to<Key>> || requires(const Key& a, const Key& b) {
+      { a == b } -> std::convertible_to<bool>;
+    };
+}  // namespace detail
+
 /// A key a sluice component can hash, compare and copy. See the file comment.
 template <class Key, class Hash = std::hash<Key>, class KeyEqual = std::equal_to<Key>>
 concept hashable_key =
     std::copy_constructible<Key> && std::destructible<Key> && std::copy_constructible<Hash> &&
-    std::copy_constructible<KeyEqual> &&
+    std::copy_constructible<KeyEqual> && detail::usable_key_equal<Key, KeyEqual> &&
     requires(const Key& a, const Key& b, const Hash& hash, const KeyEqual& eq) {
       { hash(a) } -> std::convertible_to<std::size_t>;
       { eq(a, b) } -> std::convertible_to<bool>;
