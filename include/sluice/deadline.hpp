@@ -30,6 +30,19 @@
 
 namespace sluice {
 
+namespace detail {
+// Tested on the caller's own representation, before any arithmetic (NaN arithmetic is not a
+// constant expression).
+template <class Rep, class Period>
+constexpr bool is_nan(const std::chrono::duration<Rep, Period>& d) noexcept {
+  if constexpr (std::chrono::treat_as_floating_point_v<Rep>) {
+    return d.count() != d.count();
+  } else {
+    return false;
+  }
+}
+}  // namespace detail
+
 /// `d` converted to the integral duration To, rounded up, saturating at To::max()/To::min()
 /// instead of overflowing; NaN gives To::zero(). Thread-safe. Never allocates.
 template <class To, class Rep, class Period>
@@ -42,9 +55,9 @@ template <class To, class Rep, class Period>
     // long double holds every int64 exactly on x86-64 and AArch64 Linux. Where it is only a
     // double, the strict comparisons against the rounded-up wide(To::max()) still keep every
     // conversion below in range; only precision near the ends is lost.
+    if (detail::is_nan(d)) return To::zero();
     using wide = std::chrono::duration<long double, typename To::period>;
     const wide w = std::chrono::duration_cast<wide>(d);
-    if (w.count() != w.count()) return To::zero();  // NaN
     if (!(w < wide(To::max()))) return To::max();
     if (!(w > wide(To::min()))) return To::min();
     return std::chrono::ceil<To>(w);
@@ -69,9 +82,9 @@ template <class Clock, class Dur, class Rep, class Period>
   if constexpr (std::is_same_v<std::chrono::duration<Rep, Period>, Dur>) {
     return add_fitting(d);  // the common case (a clock's own duration): integers only
   } else {
+    if (detail::is_nan(d)) return tp;  // due now
     using wide = std::chrono::duration<long double, typename Dur::period>;
     const wide w = std::chrono::duration_cast<wide>(d);
-    if (w.count() != w.count()) return tp;  // NaN: due now
     if (w < wide(Dur::max()) && w > wide(Dur::min())) return add_fitting(saturating_ceil<Dur>(d));
     // d alone is out of Dur's range; the sum may still be in range (tp far from the epoch).
     const wide sum = wide(since) + w;
