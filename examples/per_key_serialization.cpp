@@ -73,7 +73,7 @@ int main() {
   std::printf("events %d: reconciled %d, failed %d, requeued (busy) %d\n", events, reconciled.load(),
               failed.load(), requeued.load());
   std::printf("same entity twice at once: %s; most reconciles at once: %d (limit %zu)\n",
-              overlap ? "YES (bug)" : "never", most_running.load(), parallel.max());
+              overlap ? "YES (bug)" : "never", most_running.load(), parallel.max_parallel());
   std::printf("lock entries left: %zu, permits in use: %zu\n", entity_locks.size(), parallel.in_use());
 
   const bool ok = !overlap && most_running <= 3 && entity_locks.size() == 0 && parallel.in_use() == 0 &&

@@ -1,6 +1,6 @@
-// Tests for sluice::key_lock_table: one holder per key, FIFO handoff, entries that exist only while
-// needed (returning to size 0 after 1M keys, exceptions, try_lock failures, cancelled and timed-out
-// waiters), configuration validation.
+// Tests for sluice::key_lock_table: one holder per key, bounded barging (bypass bound, FIFO among
+// waiters), entries that exist only while needed (returning to size 0 after 1M keys, exceptions,
+// try_lock failures, cancelled and timed-out waiters), configuration validation.
 #include <sluice/key_lock_table.hpp>
 
 #include "test_support.hpp"
@@ -54,14 +54,14 @@ TEST_CASE("key_lock_table: guards are RAII and movable; entries exist only while
   CHECK(t.size() == 0);
   {
     auto a = t.lock("alpha");
-    CHECK(a.owns_lock());
+    CHECK(a.owns());
     CHECK(a.key() == "alpha");
     CHECK(t.is_locked("alpha"));
     CHECK_FALSE(t.is_locked("beta"));
     auto b = t.lock("beta");
     CHECK(t.size() == 2);
     key_lock_table<std::string>::guard moved = std::move(a);
-    CHECK_FALSE(a.owns_lock());  // NOLINT(bugprone-use-after-move): checking the moved-from state
+    CHECK_FALSE(a.owns());  // NOLINT(bugprone-use-after-move): checking the moved-from state
     CHECK(t.size() == 2);
     moved.unlock();
     moved.unlock();  // second unlock is a no-op
@@ -114,25 +114,109 @@ TEST_CASE("key_lock_table: a timed-out waiter leaves no entry") {
   CHECK(t.size() == 0);
 }
 
-TEST_CASE("key_lock_table: the entry a thread waits on is never removed; the key is handed over") {
+TEST_CASE("key_lock_table: the entry a thread waits on is never removed while it waits") {
   key_lock_table<int> t;
   auto g = t.lock(9);
   std::atomic<bool> got{false};
-  std::atomic<bool> checked{false};
   std::jthread waiter([&] {
     auto mine = t.lock(9);
     got = true;
-    while (!checked) std::this_thread::yield();  // hold the key until the newcomer has tried
   });
   await_waiting(t, 1);
   g.unlock();
-  // Handed directly to the waiter: a newcomer cannot barge in, and the entry stays.
-  CHECK_FALSE(t.try_lock(9));
-  CHECK(t.size() == 1);
-  checked = true;
+  // Normal mode: the key is free and its waiter told to look; a running thread may barge in.
+  // Either way the entry stays while the waiter is queued.
+  if (auto barged = t.try_lock(9)) {
+    CHECK(t.size() == 1);
+    barged->unlock();
+  }
   waiter.join();
   CHECK(got);
   CHECK(t.size() == 0);
+  CHECK(t.waiting() == 0);
+}
+
+TEST_CASE("key_lock_table: a queued waiter is bypassed at most max_bypasses times") {
+    key_lock_table<int> t;
+  std::optional<key_lock_table<int>::guard> held = t.lock(4);
+  std::atomic<bool> served{false};
+  std::jthread waiter([&] {
+    auto g = t.lock(4);
+    served = true;
+  });
+  await_waiting(t, 1);
+  std::size_t bypasses = 0;
+  bool refused = false;
+  while (!served) {
+    held.reset();
+    held = t.try_lock(4);
+    if (!held) {
+      refused = true;  // handed to the waiter (starvation mode), or the waiter took it
+      break;
+    }
+    if (!served) ++bypasses;
+  }
+  INFO("bypasses " << bypasses);
+  CHECK(bypasses <= key_lock_table<int>::max_bypasses);
+  CHECK((refused || served));
+  held.reset();
+  waiter.join();
+  CHECK(served);
+  CHECK(t.size() == 0);
+  CHECK(t.waiting() == 0);
+}
+
+TEST_CASE("key_lock_table: in starvation mode every queued waiter is served before a newcomer") {
+  key_lock_table<int> t;
+  std::optional<key_lock_table<int>::guard> held = t.lock(8);
+  std::mutex m;
+  std::vector<int> order;
+  std::atomic<int> served{0};
+  std::vector<std::jthread> threads;
+  for (int i = 0; i < 3; ++i) {
+    threads.emplace_back([&, i] {
+      auto g = t.lock(8);
+      std::lock_guard lock(m);
+      order.push_back(i);
+      ++served;  // while we still hold what we were given
+    });
+    await_waiting(t, static_cast<std::size_t>(i) + 1);
+  }
+  std::size_t bypasses = 0;
+  // Every success while a waiter is still unserved bypassed the last one (served last: FIFO).
+  while (served < 3) {
+    held.reset();
+    held = t.try_lock(8);
+    if (!held) break;
+    if (served < 3) ++bypasses;
+    REQUIRE(bypasses <= key_lock_table<int>::max_bypasses);
+  }
+  held.reset();
+  threads.clear();
+  CHECK(order == std::vector<int>{0, 1, 2});
+  CHECK(t.size() == 0);
+  CHECK(t.waiting() == 0);
+}
+
+TEST_CASE("key_lock_table: the last waiter giving up on a free key removes its entry") {
+  // A waiter whose deadline passes just as the key is freed: whichever way the race goes, the
+  // entry is gone once nobody holds or waits for the key.
+  key_lock_table<int> t;
+  for (int round = 0; round < 200; ++round) {
+    auto g = t.lock(6);
+    std::atomic<bool> done{false};
+    std::jthread waiter([&] {
+      (void)t.try_lock_for(6, std::chrono::microseconds(round % 40));
+      done = true;
+    });
+    if (round % 2 == 0) {
+      while (t.waiting() != 1 && !done) std::this_thread::yield();
+    }
+    g.unlock();
+    waiter.join();
+    CHECK(t.size() == 0);
+    CHECK(t.waiting() == 0);
+  }
 }
 
 TEST_CASE("key_lock_table: waiters for one key are served in arrival order") {

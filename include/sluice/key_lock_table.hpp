@@ -9,22 +9,23 @@
 // std::unordered_map. Destroy the table only after every guard is gone and no thread waits on it.
 //
 // Guarantees:
-//  - At most one guard per key at a time (keys compared with KeyEqual).
-//  - Waiters for one key are served in arrival order: unlock hands the key straight to the oldest
-//    waiter, so a newcomer never overtakes a queued thread. Unlocking happens-before the next
-//    holder's lock returns.
-//  - An entry exists only while a holder owns the key; waiters queue on it, so it is never removed
-//    while someone waits on it. It is removed, under the same shard mutex that decides it is
-//    unused, by the unlock that finds no waiter; a waiter that times out or is cancelled unlinks
-//    itself under that mutex. size() therefore returns to 0 whenever nothing is held.
+//  - At most one guard per key at a time (keys compared with KeyEqual). Unlocking happens-before
+//    the next holder's lock returns.
+//  - Bounded unfairness per key (as Go's sync.Mutex; one mechanism with limiter, see
+//    detail/lock_handoff.hpp): unlock makes the key free and wakes its oldest waiter, and a thread
+//    that is running may lock the free key first; but no queued thread is overtaken more than
+//    `max_bypasses` (1024) times by threads that arrived after it. Once the oldest waiter has been
+//    overtaken that often, unlock hands the key straight to it and newcomers queue (strict FIFO)
+//    until the overtaken waiters are served. Queued threads are always served among themselves
+//    in arrival order. Not guaranteed: FIFO between a queued thread and one not queued yet.
+//  - An entry exists only while the key is held or waited for, so it is never removed while
+//    someone waits on it. It is removed, under the same shard mutex that decides it is unused, by
+//    the unlock that finds no waiter, or by the last waiter giving up (timeout, cancellation) on a
+//    key nobody holds. size() therefore returns to 0 whenever nothing is held or awaited.
 //  - Keys are spread over `shards` independently locked shards: operations on distinct keys
 //    rarely share a lock. Each shard recycles up to `pooled_entries_per_shard` entry nodes, so
 //    steady-state lock/unlock does not allocate.
-//  - Unlock makes a system call only when the next holder is parked.
-//  - Fairness has a price on a hot key: every unlock with a waiter is a handoff (a wake-up if the
-//    waiter parked), where a barging std::mutex lets the unlocker take the key straight back. On
-//    one key hammered by 2 threads that costs several-fold in throughput; on distinct keys the
-//    table is far faster than a global-mutex map (see bench/key_lock_table_bench.cpp).
+//  - Unlock makes a system call only to wake a parked waiter that nobody has woken yet.
 //
 // What it never does: grow without bound (live entries = keys held now; pooled nodes <= shards x
 // pooled_entries_per_shard), remove an entry someone waits on, spin for long, clamp a bad config.
@@ -35,7 +36,7 @@
 //     auto guard = locks.lock(entity.uid);   // serialises work on this entity
 //     reconcile(entity);                     // may throw: the key is still unlocked
 //   }
-//   if (auto g = locks.try_lock(uid)) { ... } else { /* busy: requeue */ }
+//   if (auto g = locks.try_lock(uid)) { reconcile(entity); } else { /* busy: requeue */ }
 #pragma once
 
 #include <chrono>
@@ -75,6 +76,8 @@ class key_lock_table {
   static constexpr std::size_t default_shards = 64;
   static constexpr std::size_t default_pooled_entries_per_shard = 16;
   static constexpr std::size_t max_shards = std::size_t{1} << 16;
+  /// How many times a queued thread can be overtaken on its key by later arrivals, at most.
+  static constexpr std::uint32_t max_bypasses = detail::max_bypasses;
 
   /// Exclusive ownership of one key. Move-only; unlocks when destroyed or unlock()ed.
   class guard {
@@ -99,10 +102,11 @@ class key_lock_table {
       if (key_lock_table* t = std::exchange(table_, nullptr)) t->unlock(std::exchange(entry_, nullptr));
     }
 
-    [[nodiscard]] bool owns_lock() const noexcept { return table_ != nullptr; }
-    explicit operator bool() const noexcept { return owns_lock(); }
+    /// True while this object holds its key.
+    [[nodiscard]] bool owns() const noexcept { return table_ != nullptr; }
+    explicit operator bool() const noexcept { return owns(); }
 
-    /// The locked key. Precondition: owns_lock().
+    /// The locked key. Precondition: owns().
     [[nodiscard]] const Key& key() const noexcept { return *entry_->key; }
 
    private:
@@ -126,7 +130,7 @@ class key_lock_table {
   key_lock_table(const key_lock_table&) = delete;
   key_lock_table& operator=(const key_lock_table&) = delete;
 
-  /// Blocks until `key` is free, FIFO among waiters for that key. Thread-safe. Allocates only
+  /// Blocks until `key` is ours (bounded unfairness, see the file comment). Thread-safe. Allocates only
   /// when the shard's node pool or bucket array must grow. May block.
   [[nodiscard]] guard lock(const Key& key) { return *acquire(key, true, std::nullopt, nullptr); }
 
@@ -135,8 +139,8 @@ class key_lock_table {
     return acquire(key, !stop.stop_requested(), std::nullopt, &stop);
   }
 
-  /// Locks `key` only if it is free now; never blocks (beyond the shard mutex). Leaves no entry
-  /// behind on failure.
+  /// Locks `key` only if it is free now and its oldest waiter (if any) has bypasses to spare;
+  /// never blocks (beyond the shard mutex). Leaves no entry behind on failure.
   [[nodiscard]] std::optional<guard> try_lock(const Key& key) { return acquire(key, false, std::nullopt, nullptr); }
 
   /// As lock(key), giving up after `timeout`. May block.
@@ -157,10 +161,11 @@ class key_lock_table {
     const std::uint64_t h = mixed_hash(key);
     shard_type& s = shard_for(h);
     std::lock_guard lock(s.mutex);
-    return s.find(h, key, equal_) != nullptr;
+    const entry* e = s.find(h, key, equal_);
+    return e != nullptr && e->held;
   }
 
-  /// Live entries (keys held now) across all shards: a snapshot, exact when quiescent.
+  /// Live entries (keys held or waited for now) across all shards: a snapshot, exact when quiescent.
   /// Thread-safe. Never blocks.
   [[nodiscard]] std::size_t size() const noexcept {
     std::size_t n = 0;
@@ -215,33 +220,77 @@ class key_lock_table {
                                const std::stop_token* stop) {
     const std::uint64_t h = mixed_hash(key);  // user hash may throw: nothing changed yet
     shard_type& s = shard_for(h);
-    detail::handoff_waiter self;
-    entry* e = nullptr;
-    {
-      std::lock_guard lock(s.mutex);
-      e = s.find(h, key, equal_);
-      if (e == nullptr) return guard(this, s.insert(h, key));  // free: this entry is ours
-      if (!may_wait) return std::nullopt;
-      e->waiters.push_back(&self);  // e cannot vanish: its holder hands it to us or to a waiter
-      s.add_waiting(1);
+    std::unique_lock lock(s.mutex);
+    entry* e = s.find(h, key, equal_);
+    if (e == nullptr) return guard(this, s.insert(h, key));  // absent: a new entry, held by us
+    if (!e->held && (e->waiters.empty() || e->bypasses < detail::max_bypasses)) {
+      e->held = true;  // free: ours, even if someone is queued (a bypass, counted)
+      if (!e->waiters.empty()) ++e->bypasses;
+      return guard(this, e);
     }
-    const bool granted = detail::await_handoff(self, s.mutex, deadline, stop, [&s, e, &self] {
-      e->waiters.remove(&self);
-      s.add_waiting(-1);
-    });
+    if (!may_wait) return std::nullopt;
+    detail::handoff_waiter self;  // e cannot vanish while we are linked into it
+    e->waiters.push_back(&self, e->bypasses);
+    s.add_waiting(1);
+    const bool granted = detail::await_turn(
+        self, lock, deadline, stop,
+        [&s, e, &self] {  // woken head: take the key if it is free
+          if (e->held) {
+            e->woken = false;  // the next unlock wakes us again
+            return false;
+          }
+          e->held = true;
+          leave_queue(s, e, self);
+          return true;
+        },
+        [&s, e, &self] {  // timeout or cancellation
+          leave_queue(s, e, self);
+          if (e->held) return;
+          if (e->waiters.empty()) {
+            s.erase(e);  // nobody holds or awaits it any more
+          } else {
+            wake_head(e);  // we may have been the head that was to take the free key
+          }
+        });
     if (granted) return guard(this, e);
     return std::nullopt;
+  }
+
+  // Shard mutex held: unlinks `self` from e's queue and rebases the bypass count if it was the head.
+  static void leave_queue(shard_type& s, entry* e, detail::handoff_waiter& self) noexcept {
+    const bool head = e->waiters.front() == &self;
+    if (head) {
+      e->bypasses -= static_cast<std::uint32_t>(e->waiters.head_gap());
+      e->woken = false;
+    }
+    e->waiters.remove(&self);
+    if (e->waiters.empty()) e->bypasses = 0;
+    s.add_waiting(-1);
+  }
+
+  // Shard mutex held, e free and queued on: make sure its head is looking.
+  static void wake_head(entry* e) noexcept {
+    if (e->woken) return;
+    e->woken = true;
+    detail::wake(e->waiters.front());
   }
 
   void unlock(entry* e) noexcept {
     shard_type& s = shard_for(e->hash);
     std::lock_guard lock(s.mutex);
-    if (detail::handoff_waiter* w = e->waiters.pop_front()) {
-      s.add_waiting(-1);
-      detail::grant(w);  // ownership passes directly; the entry stays
+    if (e->waiters.empty()) {
+      s.erase(e);  // no holder, no waiter: removed under the mutex that decided it is unused
       return;
     }
-    s.erase(e);  // no holder, no waiter: removed under the mutex that decided it is unused
+    if (e->bypasses >= detail::max_bypasses) {
+      // Starvation mode: the key passes straight to the head (it stays held, the entry stays).
+      detail::handoff_waiter* w = e->waiters.front();
+      leave_queue(s, e, *w);
+      detail::grant(w);
+      return;
+    }
+    e->held = false;  // normal mode: free for whoever comes first; the head is told to look
+    wake_head(e);
   }
 
   const std::size_t shard_count_;

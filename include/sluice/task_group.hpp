@@ -173,7 +173,7 @@ class task_group {
   /// Tasks running (or being handed to a worker) right now: a snapshot. Thread-safe.
   [[nodiscard]] std::size_t running() const noexcept { return limit_.in_use(); }
 
-  [[nodiscard]] std::size_t max_parallel() const noexcept { return limit_.max(); }
+  [[nodiscard]] std::size_t max_parallel() const noexcept { return limit_.max_parallel(); }
 
   /// Tasks that have thrown since construction (reported to on_error or stored for wait()).
   /// Thread-safe.
@@ -231,7 +231,7 @@ class task_group {
       idle_.pop_back();
       return i;
     }
-    assert(started_ < limit_.max());
+    assert(started_ < limit_.max_parallel());
     const std::size_t i = started_;
     slots_[i].thread = std::jthread([this, i](std::stop_token stop) { run(i, stop); });
     ++started_;

@@ -1,19 +1,39 @@
-// sluice/detail/lock_handoff.hpp — FIFO direct handoff to parked waiters (not public API).
+// sluice/detail/lock_handoff.hpp — hand-off with bounded unfairness (not public API).
 //
-// Shared by limiter and key_lock_table. A thread that must wait puts a handoff_waiter on its own
-// stack, links it into an intrusive handoff_fifo under the owner's mutex, unlocks, and parks on
-// the waiter's own event_count. The releaser, under the same mutex, pops the oldest waiter and
-// grants it the resource directly (the resource never becomes "free", so no newcomer can barge in
-// front of the queue), then notifies that one waiter: a system call only if it is really parked.
+// Shared by limiter (a counted resource: permits) and key_lock_table (a binary one: a key). Both
+// follow the rule Go's sync.Mutex made popular, with a count in place of Go's 1 ms:
 //
-// Lifetime rule: the granter touches the waiter node only while holding the owner's mutex, and
-// await_handoff() takes that mutex once before returning, so the node (on the waiter's stack)
-// cannot be destroyed while a granter still uses it.
+//  - Normal mode. A released resource becomes free; a *running* thread may take it at once even
+//    though others are parked ("barging": no futex wake-up and no scheduler decision sits between
+//    a release and the next acquire). The release wakes the oldest parked waiter (the head) only
+//    if no head is already awake and looking ("woken"), so a stream of releases makes one system
+//    call per head wake-up, not one each. Every barging take while someone is queued counts as
+//    one *bypass* of the head.
+//  - Starvation mode. Once the head has been bypassed `max_bypasses` times, no newcomer may take
+//    the resource: every release hands it straight to the head (FIFO, as before), and newcomers
+//    queue behind. The mode ends by itself as soon as the head is a waiter with bypasses to spare.
+//
+// The bound is per waiter, not only for the head: each waiter remembers the "bypass clock" when
+// it queued (handoff_waiter::arrival); the owner keeps the head's count `c`, i.e. clock minus the
+// head's arrival. Any waiter's bypasses = clock - its arrival <= c <= max_bypasses, because
+// bargers are refused once c reaches the bound. When the head leaves, the owner subtracts the
+// arrival gap to its successor (handoff_fifo::head_gap). Parked waiters among
+// themselves are always served in arrival order: only the head ever takes a free resource.
+//
+// Waiting: a waiter puts a handoff_waiter on its own stack, links it under the owner's mutex and
+// parks on the waiter's own event_count (await_turn). Under that same mutex an owner either
+// grants the resource to the head directly (signal = granted) or tells the head to look
+// (signal = woken); the head then re-checks under the mutex, takes a free resource or parks again.
+//
+// Lifetime rule: other threads touch a waiter node only under the owner's mutex while it is
+// linked (grant() unlinks it first, in the same critical section), and await_turn() takes that
+// mutex before returning, so the node cannot be destroyed while someone else still uses it.
 //
 // Never allocates. The fifo is not synchronized: callers hold their mutex.
 #pragma once
 
 #include <atomic>
+#include <cstdint>
 #include <mutex>
 #include <optional>
 #include <stop_token>
@@ -23,19 +43,30 @@
 
 namespace sluice::detail {
 
+/// How often a queued waiter can be overtaken by threads that arrived after it, at most.
+/// (At ~20 ns per barging acquire this is ~20 us, well under Go's 1 ms.) Documented in the
+/// limiter and key_lock_table headers; tested by both.
+inline constexpr std::uint32_t max_bypasses = 4096;
+
 struct handoff_waiter {
+  enum : std::uint32_t { none = 0, woken = 1, granted = 2 };
   handoff_waiter* prev = nullptr;
   handoff_waiter* next = nullptr;
-  std::atomic<bool> granted{false};
+  std::uint64_t arrival = 0;  // the bypass clock when this waiter queued (see the file comment)
+  std::atomic<std::uint32_t> signal{none};
   event_count ec;
 };
 
-/// Intrusive doubly linked FIFO of waiters. O(1) push, pop and remove. Caller holds the mutex.
+/// Intrusive doubly linked FIFO of waiters with the bypass clock. O(1) push, remove. Caller holds
+/// the owner's mutex.
 class handoff_fifo {
  public:
   [[nodiscard]] bool empty() const noexcept { return head_ == nullptr; }
+  [[nodiscard]] handoff_waiter* front() const noexcept { return head_; }
 
-  void push_back(handoff_waiter* w) noexcept {
+  /// Links `w` at the tail. `head_bypasses` is the owner's current count for the head (0 when empty).
+  void push_back(handoff_waiter* w, std::uint32_t head_bypasses) noexcept {
+    w->arrival = head_ != nullptr ? head_->arrival + head_bypasses : 0;
     w->next = nullptr;
     w->prev = tail_;
     if (tail_ != nullptr) {
@@ -46,13 +77,13 @@ class handoff_fifo {
     tail_ = w;
   }
 
-  /// Removes and returns the oldest waiter, or nullptr.
-  handoff_waiter* pop_front() noexcept {
-    handoff_waiter* w = head_;
-    if (w != nullptr) remove(w);
-    return w;
+  /// How many fewer times the second waiter has been bypassed than the head (0 if none): what the
+  /// owner subtracts from the head's count when the head leaves.
+  [[nodiscard]] std::uint64_t head_gap() const noexcept {
+    return head_ != nullptr && head_->next != nullptr ? head_->next->arrival - head_->arrival : 0;
   }
 
+  /// Unlinks `w` (anywhere in the fifo).
   void remove(handoff_waiter* w) noexcept {
     (w->prev != nullptr ? w->prev->next : head_) = w->next;
     (w->next != nullptr ? w->next->prev : tail_) = w->prev;
@@ -64,29 +95,54 @@ class handoff_fifo {
   handoff_waiter* tail_ = nullptr;
 };
 
-/// Hands the resource to `w` and wakes it. Call with the owner's mutex held (see lifetime rule).
+/// Hands the resource to `w` (already unlinked) and wakes it. Call with the owner's mutex held.
 inline void grant(handoff_waiter* w) noexcept {
   // release: the granter's writes (the previous holder's critical section) happen-before the
-  // waiter's acquire load of `granted` in await_handoff().
-  w->granted.store(true, std::memory_order_release);
+  // waiter's acquire load of `signal` in await_turn().
+  w->signal.store(handoff_waiter::granted, std::memory_order_release);
+  w->ec.notify_one();  // a system call only if the waiter is really parked
+}
+
+/// Tells the head `w` to look at the resource again. Call with the owner's mutex held.
+inline void wake(handoff_waiter* w) noexcept {
+  // relaxed: signal is only written under the owner's mutex (held); the waiter re-reads it and
+  // the resource state under that mutex.
+  if (w->signal.load(std::memory_order_relaxed) != handoff_waiter::none) return;
+  // release: pairs with the acquire load in await_turn()'s wait condition.
+  w->signal.store(handoff_waiter::woken, std::memory_order_release);
   w->ec.notify_one();
 }
 
-/// Parks until `w` is granted, the deadline passes or `stop` is triggered. `w` must already be
-/// linked (under `mutex`). Returns true if granted (the caller now owns the resource). Otherwise
-/// calls `abandon()` with `mutex` held — it must unlink `w` — and returns false. A grant that
-/// races with a timeout or cancellation wins: the waiter keeps what it was given.
-template <class Mutex, class Abandon>
-[[nodiscard]] bool await_handoff(handoff_waiter& w, Mutex& mutex,
-                                 const std::optional<steady_time>& deadline,
-                                 const std::stop_token* stop, Abandon&& abandon) {
-  // acquire: pairs with the release store in grant().
-  (void)block_until(w.ec, [&w] { return w.granted.load(std::memory_order_acquire); }, deadline, stop);
-  std::lock_guard lock(mutex);  // also waits out a granter still inside grant() (lifetime rule)
-  // relaxed: the mutex orders this read after any grant() made under it.
-  if (w.granted.load(std::memory_order_relaxed)) return true;
-  abandon();
-  return false;
+/// Waits, as the linked waiter `w`, until the resource is ours. `lock` holds the owner's mutex on
+/// entry and on return. With the mutex held:
+///  - `attempt()` is called after a woken signal (w is then the head): it takes the free resource
+///    for `w` and unlinks it (returns true), or records that no head is looking and returns false;
+///  - `abandon()` is called on timeout or cancellation when nothing was granted: it unlinks `w`.
+/// Returns true if the resource is now ours. A grant that races with a timeout wins.
+template <class Mutex, class Attempt, class Abandon>
+[[nodiscard]] bool await_turn(handoff_waiter& w, std::unique_lock<Mutex>& lock,
+                              const std::optional<steady_time>& deadline, const std::stop_token* stop,
+                              Attempt&& attempt, Abandon&& abandon) {
+  for (;;) {
+    lock.unlock();
+    // acquire: pairs with the release stores in grant() and wake().
+    const wait_outcome outcome =
+        block_until(w.ec, [&w] { return w.signal.load(std::memory_order_acquire) != handoff_waiter::none; },
+                    deadline, stop);
+    lock.lock();  // also waits out a granter still inside grant() (lifetime rule)
+    // relaxed: the mutex orders this read after any signal written under it.
+    const std::uint32_t sig = w.signal.load(std::memory_order_relaxed);
+    if (sig == handoff_waiter::granted) return true;
+    if (sig == handoff_waiter::woken) {
+      // relaxed: only written under the mutex (held).
+      w.signal.store(handoff_waiter::none, std::memory_order_relaxed);
+      if (attempt()) return true;
+    }
+    if (outcome != wait_outcome::ready) {
+      abandon();
+      return false;
+    }
+  }
 }
 
 }  // namespace sluice::detail

@@ -2,8 +2,9 @@
 // live lock entries plus a bounded pool of spare entry nodes (not public API).
 //
 // Not synchronized: key_lock_table calls every member with the shard's mutex held. An entry is in
-// the map exactly while it has a holder (and possibly waiters); erase() is only ever called by the
-// holder's unlock when no waiter is queued, under that same mutex.
+// the map exactly while it has a holder or a waiter; erase() is only ever called when it has
+// neither (by the holder's unlock finding no waiter, or by the last waiter giving up on a free
+// key), under that same mutex.
 #pragma once
 
 #include <atomic>
@@ -35,6 +36,9 @@ struct alignas(cache_line) lock_table_entry {
   lock_table_entry* next = nullptr;  // bucket chain, or the pool's free list
   std::uint64_t hash = 0;            // mixed hash of *key
   handoff_fifo waiters;              // threads waiting for this key, oldest first
+  std::uint32_t bypasses = 0;        // barging takes while the head waited (lock_handoff.hpp)
+  bool held = false;                 // a guard owns the key (else only waiters keep the entry)
+  bool woken = false;                // the head waiter has been told to look at a free key
   std::optional<Key> key;            // engaged while the entry is in the map
 };
 
@@ -86,6 +90,9 @@ class alignas(cache_line) lock_table_shard {
       throw;
     }
     e->hash = hash;
+    e->held = true;  // inserted by the thread that now holds the key
+    e->woken = false;
+    e->bypasses = 0;
     entry*& head = buckets_[hash & mask_];
     e->next = head;
     head = e;
