@@ -298,6 +298,23 @@ class ready_accumulator {
     sender_ec_.notify_all();
   }
 
+  /// Starts a flush that overrides linger until end_flush(): seals every open batch now, and
+  /// batches opened meanwhile are sendable at the sender's next cycle (they still collect the
+  /// records appended until then). Counted: nested begin/end pairs are fine. Thread-safe.
+  void begin_flush() {
+    std::unique_lock lock(mutex_);
+    ++flushing_;
+    seal_all_open_locked();
+    kick_ = true;
+    lock.unlock();
+    sender_ec_.notify_all();
+  }
+  /// Ends one begin_flush(). Thread-safe.
+  void end_flush() {
+    std::lock_guard lock(mutex_);
+    if (flushing_ > 0) --flushing_;
+  }
+
   // ---- sender side -------------------------------------------------------------------------
 
   /// Processes due linger/backoff deadlines and the notification queue; returns the destinations
@@ -627,6 +644,35 @@ class ready_accumulator {
       active_.clear();
     }
     space_ec_.notify_all();
+    return n;
+  }
+
+  /// Hands out every batch of `partition` still in the accumulator (open, sealed, in backoff),
+  /// counted as taken: for a caller that fails the rest of a partition after one batch failed for
+  /// good (gapless order). O(that partition's batches). Thread-safe.
+  std::size_t take_partition(const Partition& partition, std::vector<batch_handle>& out) {
+    std::size_t n = 0;
+    {
+      std::lock_guard lock(mutex_);
+      auto it = index_.find(partition);
+      if (it == index_.end()) return 0;
+      const std::uint32_t id = it->second;
+      partition_state& p = parts_[id];
+      while (p.head != nullptr) {
+        batch_node* b = p.head;
+        unlink_locked(p, b);
+        hand_out_locked(b, out, taken_records_);
+        ++n;
+      }
+      if (p.open != nullptr) {
+        batch_node* b = std::exchange(p.open, nullptr);
+        ++sealed_;
+        hand_out_locked(b, out, taken_records_);
+        ++n;
+      }
+      settle_locked(id, clock_.now());  // drops its backoff entry; a stale queue entry is skipped later
+    }
+    if (n > 0) space_ec_.notify_all();
     return n;
   }
 
@@ -1180,12 +1226,19 @@ class ready_accumulator {
     // Reserve FIFO room first so nothing below can fail halfway.
     batch_node* b = new_node_locked(id, now);
     try {
-      linger_fifo_.push_back(timed{b, b->gen, detail::saturating_add(now, options_.linger)});
+      if (flushing_ > 0) {
+        // Due at once. At the front: every entry behind it is either due already or due later,
+        // so "the front is due" still means "something is due" (what the waiters rely on).
+        linger_fifo_.push_front(timed{b, b->gen, now});
+        need_wake_ = true;
+      } else {
+        linger_fifo_.push_back(timed{b, b->gen, detail::saturating_add(now, options_.linger)});
+      }
       if (options_.delivery_timeout) {
         try {
           expiry_fifo_.push_back(timed{b, b->gen, expiry_deadline(b)});
         } catch (...) {
-          linger_fifo_.pop_back();
+          if (flushing_ > 0) linger_fifo_.pop_front(); else linger_fifo_.pop_back();
           throw;
         }
       }
@@ -1310,6 +1363,7 @@ class ready_accumulator {
   std::uint64_t appended_ = 0, delivered_ = 0, failed_ = 0, expired_records_ = 0, taken_records_ = 0;
   std::uint64_t resident_records_ = 0, in_flight_records_ = 0, sealed_ = 0, retried_ = 0;
   bool closed_ = false;
+  std::uint32_t flushing_ = 0;  // begin_flush() calls not yet ended
   bool kick_ = false;
   bool recheck_unknown_ = false;
   bool need_wake_ = false;  // a sender may have to look again: notify sender_ec_ after unlocking

@@ -1,0 +1,391 @@
+// Tests for sluice::dispatch_pipeline. Time is a manual_clock: backoff, linger and delivery
+// timeouts are reached with advance(), never by sleeping.
+#include <sluice/dispatch_pipeline.hpp>
+#include <sluice/testing/manual_clock.hpp>
+
+#include "test_support.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace std::chrono_literals;
+using sluice::delivery_report;
+using sluice::failure_reason;
+using sluice::persistence;
+using sluice::send_result;
+using sluice::testing::manual_clock;
+
+namespace {
+
+using pipe_t = sluice::dispatch_pipeline<int, int, int, manual_clock>;
+using request = pipe_t::request;
+
+struct reports {
+  std::mutex m;
+  std::map<int, std::vector<delivery_report>> by_record;  // record value -> its reports
+  std::vector<int> delivered_order;
+  void add(int v, const delivery_report& r) {
+    std::lock_guard l(m);
+    by_record[v].push_back(r);
+    if (r) delivered_order.push_back(v);
+  }
+  std::size_t count() {
+    std::lock_guard l(m);
+    return by_record.size();
+  }
+  std::optional<delivery_report> of(int v) {
+    std::lock_guard l(m);
+    auto it = by_record.find(v);
+    if (it == by_record.end() || it->second.empty()) return std::nullopt;
+    return it->second.front();
+  }
+  bool exactly_once(int n) {
+    std::lock_guard l(m);
+    if (by_record.size() != static_cast<std::size_t>(n)) return false;
+    for (auto& [v, rs] : by_record) {
+      if (rs.size() != 1) return false;
+    }
+    return true;
+  }
+};
+
+sluice::dispatch_pipeline_options opts() {
+  sluice::dispatch_pipeline_options o;
+  o.accumulator.batch_bytes = 40;  // 4-byte records: 10 per batch
+  o.accumulator.linger = 5ms;
+  o.accumulator.delivery_timeout = 10s;
+  o.request_timeout = 1s;
+  o.retry_backoff = {100ms, 1s, 2.0, sluice::jitter_mode::none, std::nullopt};
+  return o;
+}
+
+// A sink that records requests and lets the test decide each one (or completes at once).
+struct test_sink {
+  std::mutex m;
+  std::deque<request> held;
+  std::function<std::optional<send_result>(request&)> decide;  // nullopt: hold
+  std::atomic<int> calls{0};
+  void operator()(request&& r) {
+    ++calls;
+    std::optional<send_result> d = decide ? decide(r) : std::optional<send_result>(send_result::ok);
+    if (d) {
+      r.complete(*d);
+    } else {
+      std::lock_guard l(m);
+      held.push_back(std::move(r));
+    }
+  }
+  std::size_t held_count() {
+    std::lock_guard l(m);
+    return held.size();
+  }
+  void complete_all(send_result s) {
+    std::deque<request> mine;
+    {
+      std::lock_guard l(m);
+      mine.swap(held);
+    }
+    for (auto& r : mine) r.complete(s);
+  }
+};
+
+struct fixture {
+  explicit fixture(sluice::dispatch_pipeline_options o = opts())
+      : pipe(o, [](int p) { return std::optional<int>(p % 3); }, [this](request&& r) { sink(std::move(r)); },
+             [](const int&) { return std::size_t{4}; }, [this](const int& v, const delivery_report& r) { rep.add(v, r); },
+             clock) {}
+  manual_clock clock;
+  reports rep;
+  test_sink sink;
+  pipe_t pipe;
+
+  // Advances time in steps until `done` holds. After each step it waits (in real time, bounded)
+  // for the sender thread to park on the clock again, i.e. to have handled everything due.
+  template <class Pred>
+  bool run_until(Pred done, std::chrono::milliseconds step = 1ms, int max_steps = 20000) {
+    for (int i = 0; i < max_steps; ++i) {
+      (void)clock.wait_for_waiters_for(1, 200ms);
+      if (done()) return true;
+      clock.advance(step);
+    }
+    return done();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("dispatch_pipeline: every record is delivered once, in order per partition") {
+  fixture f;
+  constexpr int n = 1000;
+  for (int i = 0; i < n; ++i) REQUIRE(f.pipe.send(i % 7, int{i}) == pipe_t::send_status::ok);
+  REQUIRE(f.run_until([&] { return f.rep.count() == n; }));
+  CHECK(f.rep.exactly_once(n));
+  std::map<int, int> last;
+  bool ordered = true;
+  for (int v : f.rep.delivered_order) {
+    auto it = last.find(v % 7);
+    if (it != last.end() && it->second > v) ordered = false;
+    last[v % 7] = v;
+  }
+  CHECK(ordered);
+  auto m = f.pipe.metrics();
+  CHECK(m.accepted == n);
+  CHECK(m.delivered == n);
+  CHECK(m.pending == 0);
+  CHECK(m.requests > 0);
+  CHECK(m.queue_time.total() == n);
+  CHECK(f.pipe.audit().clean());
+}
+
+TEST_CASE("dispatch_pipeline: retriable failures back off and then succeed") {
+  fixture f;
+  std::atomic<int> attempts{0};
+  f.sink.decide = [&](request&) { return ++attempts <= 2 ? send_result::retriable : send_result::ok; };
+  for (int i = 0; i < 10; ++i) REQUIRE(f.pipe.send(1, int{i}) == pipe_t::send_status::ok);  // one full batch
+  REQUIRE(f.run_until([&] { return attempts.load() >= 1; }));
+  // 100 ms then 200 ms of backoff: not before.
+  f.clock.advance(99ms);
+  std::this_thread::sleep_for(2ms);
+  CHECK(attempts.load() == 1);
+  REQUIRE(f.run_until([&] { return f.rep.count() == 10; }));
+  CHECK(attempts.load() == 3);
+  auto r = f.rep.of(0);
+  REQUIRE(r);
+  CHECK(bool(*r));
+  CHECK(r->retries == 2);
+  CHECK(r->persisted == persistence::persisted);
+  CHECK(f.pipe.metrics().retried == 20);
+}
+
+TEST_CASE("dispatch_pipeline: a permanent error fails the batch, not persisted; others go on") {
+  fixture f;
+  f.sink.decide = [&](request& r) {
+    return r.partition(0) == 1 ? send_result::permanent : send_result::ok;
+  };
+  for (int i = 0; i < 10; ++i) REQUIRE(f.pipe.send(1, int{i}) == pipe_t::send_status::ok);
+  for (int i = 10; i < 20; ++i) REQUIRE(f.pipe.send(2, int{i}) == pipe_t::send_status::ok);
+  REQUIRE(f.run_until([&] { return f.rep.count() == 20; }));
+  CHECK(f.rep.exactly_once(20));
+  CHECK(f.rep.of(0)->reason == failure_reason::permanent_error);
+  CHECK(f.rep.of(0)->persisted == persistence::not_persisted);
+  CHECK(bool(*f.rep.of(15)));
+  auto m = f.pipe.metrics();
+  CHECK(m.failed_by_reason[static_cast<std::size_t>(failure_reason::permanent_error)] == 10);
+  CHECK(m.delivered == 10);
+}
+
+TEST_CASE("dispatch_pipeline: retries are bounded by max_retries") {
+  auto o = opts();
+  o.retry_backoff.max_retries = 2;
+  fixture f(o);
+  std::atomic<int> attempts{0};
+  f.sink.decide = [&](request&) {
+    ++attempts;
+    return send_result::retriable;
+  };
+  for (int i = 0; i < 10; ++i) REQUIRE(f.pipe.send(1, int{i}) == pipe_t::send_status::ok);
+  REQUIRE(f.run_until([&] { return attempts.load() >= 1; }));
+  auto m0 = f.pipe.metrics();
+  INFO("requests " << m0.requests << " retried " << m0.retried << " failed " << m0.failed << " in flight " << m0.in_flight);
+  REQUIRE(f.run_until([&] { return f.rep.count() == 10; }, 10ms));
+  CHECK(attempts.load() == 3);
+  CHECK(f.rep.of(3)->reason == failure_reason::retries_exhausted);
+  CHECK(f.rep.of(3)->retries == 3);
+}
+
+TEST_CASE("dispatch_pipeline: a request that never left does not consume a retry") {
+  auto o = opts();
+  o.retry_backoff.max_retries = 0;
+  fixture f(o);
+  std::atomic<int> attempts{0};
+  f.sink.decide = [&](request&) { return ++attempts <= 3 ? send_result::not_sent : send_result::ok; };
+  for (int i = 0; i < 10; ++i) REQUIRE(f.pipe.send(1, int{i}) == pipe_t::send_status::ok);
+  REQUIRE(f.run_until([&] { return f.rep.count() == 10; }));
+  CHECK(bool(*f.rep.of(0)));
+  CHECK(f.rep.of(0)->retries == 0);
+  CHECK(attempts.load() == 4);
+}
+
+TEST_CASE("dispatch_pipeline: gapless fails the rest of a partition after a failure for good") {
+  auto o = opts();
+  o.gapless = true;
+  o.max_in_flight_per_destination = 1;
+  fixture f(o);
+  std::atomic<bool> first{true};
+  f.sink.decide = [&](request& r) -> std::optional<send_result> {
+    if (r.partition(0) == 1 && first.exchange(false)) return std::nullopt;  // hold the first batch
+    return send_result::ok;
+  };
+  for (int i = 0; i < 30; ++i) REQUIRE(f.pipe.send(1, int{i}) == pipe_t::send_status::ok);  // 3 batches
+  REQUIRE(f.run_until([&] { return f.sink.held_count() == 1; }));
+  f.sink.complete_all(send_result::permanent);
+  REQUIRE(f.run_until([&] { return f.rep.count() == 30; }));
+  CHECK(f.rep.exactly_once(30));
+  for (int i = 0; i < 30; ++i) CHECK(f.rep.of(i)->reason == failure_reason::permanent_error);
+}
+
+TEST_CASE("dispatch_pipeline: delivery timeout expires queued, backed-off and unsealed batches") {
+  auto o = opts();
+  o.accumulator.linger = 1s;
+  o.accumulator.delivery_timeout = 3s;
+  o.request_timeout = 1s;
+  o.retry_backoff = {10s, 10s, 1.0, sluice::jitter_mode::none, std::nullopt};
+  fixture f(o);
+  f.sink.decide = [&](request& r) -> std::optional<send_result> {
+    if (r.partition(0) == 1) return send_result::retriable;  // then sits in a 10 s backoff
+    if (r.partition(0) == 2) return std::nullopt;            // in flight, answer never comes
+    return send_result::ok;
+  };
+  for (int i = 0; i < 10; ++i) REQUIRE(f.pipe.send(1, int{i}) == pipe_t::send_status::ok);
+  for (int i = 10; i < 20; ++i) REQUIRE(f.pipe.send(2, int{i}) == pipe_t::send_status::ok);
+  // (An unsealed batch cannot expire here: delivery_timeout >= linger + request_timeout is enforced.
+  // The accumulator's own test covers open batches.) Record 100 lingers 1 s and is delivered.
+  REQUIRE(f.pipe.send(3, 100) == pipe_t::send_status::ok);
+  REQUIRE(f.run_until([&] { return f.sink.held_count() == 1 && f.pipe.metrics().retried == 10; }));
+  REQUIRE(f.run_until([&] { return f.rep.count() == 1; }, 100ms));  // record 100, after its 1 s linger
+  f.clock.advance(3s);
+  REQUIRE(f.run_until([&] { return f.rep.count() == 11; }));
+  CHECK(f.rep.of(0)->reason == failure_reason::delivery_timeout);
+  CHECK(f.rep.of(0)->persisted == persistence::not_persisted);
+  REQUIRE(f.rep.of(100).has_value());
+  CHECK(bool(*f.rep.of(100)));
+  // The in-flight one is never expired while in flight; its answer times out: possibly persisted.
+  CHECK_FALSE(f.rep.of(10).has_value());
+  f.sink.complete_all(send_result::timed_out);
+  REQUIRE(f.run_until([&] { return f.rep.count() == 21; }));
+  CHECK(f.rep.of(10)->reason == failure_reason::delivery_timeout);
+  CHECK(f.rep.of(10)->persisted == persistence::possibly_persisted);
+  CHECK(f.rep.exactly_once(21));
+  CHECK(f.pipe.metrics().expired == 20);
+}
+
+TEST_CASE("dispatch_pipeline: a record larger than a batch goes out without waiting the linger") {
+  auto o = opts();
+  o.accumulator.linger = 1h;
+  o.accumulator.delivery_timeout = 2h;
+  fixture f(o);
+  sluice::dispatch_pipeline<int, std::string, int, manual_clock> big(
+      o, [](int) { return std::optional<int>(0); }, [](auto&& r) { r.complete(send_result::ok); },
+      [](const std::string& s) { return s.size(); }, {}, f.clock);
+  std::atomic<int> got{0};
+  REQUIRE(big.send(1, std::string(500, 'x'), [&](const std::string&, const delivery_report& r) { got += bool(r); }) ==
+          pipe_t::send_status::ok);
+  for (int i = 0; i < 100000 && got.load() == 0; ++i) std::this_thread::sleep_for(100us);  // no clock advance
+  CHECK(got.load() == 1);
+  std::string huge(2 << 20, 'y');
+  CHECK(big.send(1, std::move(huge)) == pipe_t::send_status::too_large);
+  CHECK(huge.size() == (2u << 20));  // left with the caller
+}
+
+TEST_CASE("dispatch_pipeline: a leader move retries without waiting out the backoff") {
+  fixture f;
+  std::atomic<int> attempts{0};
+  std::atomic<int> dest_override{-1};
+  sluice::dispatch_pipeline<int, int, int, manual_clock> p(
+      opts(),
+      [&](int part) {
+        const int d = dest_override.load();
+        return std::optional<int>(d >= 0 ? d : part % 3);
+      },
+      [&](request&& r) {
+        if (++attempts == 1) {
+          dest_override = 2;  // the leader moved while the request failed
+          r.complete(send_result::retriable);
+        } else {
+          r.complete(send_result::ok);
+        }
+      },
+      [](const int&) { return std::size_t{4}; }, [&](const int& v, const delivery_report& r) { f.rep.add(v, r); },
+      f.clock);
+  for (int i = 0; i < 10; ++i) REQUIRE(p.send(1, int{i}) == pipe_t::send_status::ok);
+  for (int i = 0; i < 10000 && f.rep.count() < 10; ++i) std::this_thread::sleep_for(100us);  // no clock advance
+  CHECK(f.rep.count() == 10);
+  CHECK(attempts.load() == 2);
+}
+
+TEST_CASE("dispatch_pipeline: stop with requests in flight reports the rest as shutdown, once") {
+  fixture f;
+  f.sink.decide = [](request&) { return std::nullopt; };  // hold everything
+  for (int i = 0; i < 50; ++i) REQUIRE(f.pipe.send(i % 5, int{i}) == pipe_t::send_status::ok);
+  f.clock.advance(10ms);  // linger: everything sealed and sent
+  REQUIRE(f.run_until([&] { return f.sink.held_count() >= 3; }));
+  std::thread stopper([&] { f.pipe.stop(); });
+  std::this_thread::sleep_for(5ms);
+  f.sink.complete_all(send_result::retriable);  // answers arrive during stop: not retried
+  stopper.join();
+  f.pipe.stop();  // idempotent
+  CHECK(f.rep.exactly_once(50));
+  auto m = f.pipe.metrics();
+  CHECK(m.pending == 0);
+  CHECK(m.failed_by_reason[static_cast<std::size_t>(failure_reason::shutdown)] == 50);
+  CHECK(f.pipe.send(1, 1) == pipe_t::send_status::closed);
+}
+
+TEST_CASE("dispatch_pipeline: drain delivers everything accepted, then stops") {
+  fixture f;
+  for (int i = 0; i < 55; ++i) REQUIRE(f.pipe.send(i % 4, int{i}) == pipe_t::send_status::ok);
+  std::atomic<bool> drained{false};
+  std::thread t([&] { drained = f.pipe.drain(); });
+  REQUIRE(f.run_until([&] { return drained.load(); }));
+  t.join();
+  CHECK(f.rep.exactly_once(55));
+  CHECK(f.pipe.metrics().delivered == 55);
+}
+
+TEST_CASE("dispatch_pipeline: flush overrides linger and returns once everything is reported") {
+  auto o = opts();
+  o.accumulator.linger = 1h;
+  o.accumulator.delivery_timeout = 2h;
+  fixture f(o);
+  for (int i = 0; i < 5; ++i) REQUIRE(f.pipe.send(i, int{i}) == pipe_t::send_status::ok);  // all open
+  f.pipe.flush();  // no clock advance needed
+  CHECK(f.rep.exactly_once(5));
+  CHECK(f.pipe.flush_for(0ms));
+}
+
+TEST_CASE("dispatch_pipeline: options are validated") {
+  auto bad = [](auto mutate, const std::string& text) {
+    auto o = opts();
+    mutate(o);
+    try {
+      pipe_t p(o, [](int) { return std::optional<int>(0); }, [](request&&) {}, [](const int&) { return std::size_t{4}; });
+      FAIL("no exception");
+    } catch (const std::invalid_argument& e) {
+      CHECK(std::string(e.what()).find(text) != std::string::npos);
+    }
+  };
+  bad([](auto& o) { o.max_in_flight_per_destination = 0; }, "max_in_flight_per_destination must be >= 1, got 0");
+  bad([](auto& o) { o.sender_threads = 0; }, "sender_threads must be >= 1");
+  bad([](auto& o) { o.accumulator.delivery_timeout = 500ms; }, "delivery_timeout must be >= linger + request_timeout");
+  bad([](auto& o) { o.accumulator.batch_bytes = 0; }, "batch_bytes");
+  bad([](auto& o) { o.retry_backoff.base = 0ms; }, "base must be > 0");
+}
+
+TEST_CASE("dispatch_pipeline: throwing callbacks and sinks are counted, never fatal") {
+  fixture f;
+  std::atomic<int> calls{0};
+  f.sink.decide = [&](request&) -> std::optional<send_result> {
+    if (++calls == 1) throw std::runtime_error("sink");
+    return send_result::ok;
+  };
+  std::atomic<int> seen{0};
+  for (int i = 0; i < 10; ++i) {
+    REQUIRE(f.pipe.send(1, int{i}, [&](const int&, const delivery_report&) {
+      ++seen;
+      throw 42;
+    }) == pipe_t::send_status::ok);
+  }
+  REQUIRE(f.run_until([&] { return f.pipe.metrics().callback_errors == 10; }));
+  auto m = f.pipe.metrics();
+  CHECK(m.sink_errors == 1);
+  CHECK(m.callback_errors == 10);
+  CHECK(m.delivered == 10);
+}
