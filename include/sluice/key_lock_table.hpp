@@ -14,7 +14,7 @@
 //  - Bounded unfairness per key (as Go's sync.Mutex; one mechanism with limiter, see
 //    detail/lock_handoff.hpp): unlock makes the key free and wakes its oldest waiter, and a thread
 //    that is running may lock the free key first; but no queued thread is overtaken more than
-//    `max_bypasses` (1024) times by threads that arrived after it. Once the oldest waiter has been
+//    `max_bypasses` (16384) times by threads that arrived after it. Once the oldest waiter has been
 //    overtaken that often, unlock hands the key straight to it and newcomers queue (strict FIFO)
 //    until the overtaken waiters are served. Queued threads are always served among themselves
 //    in arrival order. Not guaranteed: FIFO between a queued thread and one not queued yet.

@@ -11,7 +11,7 @@
 // Guarantees:
 //  - in_use() never exceeds max_parallel().
 //  - Bounded unfairness (as Go's sync.Mutex): a running thread may take a free permit even while
-//    others are queued, but no queued thread is overtaken more than `max_bypasses` (1024) times
+//    others are queued, but no queued thread is overtaken more than `max_bypasses` (16384) times
 //    by threads that arrived after it. Once the oldest waiter has been overtaken that often, every
 //    release hands its permit straight to the oldest waiter and newcomers queue (strict FIFO)
 //    until the waiters that were overtaken have been served. Queued threads are always served

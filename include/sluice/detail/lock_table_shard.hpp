@@ -112,9 +112,10 @@ class alignas(cache_line) lock_table_shard {
     const std::size_t buckets = std::size_t{mask_} + 1;
     if (buckets > inline_buckets && std::size_t{n} * 8 < buckets) {
       // Shrinking only gives memory back after a burst; if the smaller array cannot be allocated
-      // the larger one simply stays (and shrinking to the inline heads never allocates).
+      // the larger one simply stays. An empty shard goes straight back to its inline heads (which
+      // never allocates), so an idle table holds no bucket arrays at all.
       try {
-        rehash(buckets / 2);
+        rehash(n == 0 ? inline_buckets : buckets / 2);
       } catch (...) {
       }
     }
