@@ -7,7 +7,7 @@
 # Usage: scripts/test.sh [preset ...]      (default: dev clang asan-ubsan tsan bench)
 # Environment:
 #   SLUICE_JOBS                 build and CTest parallelism (default: nproc)
-#   SLUICE_BENCH_SMOKE_TIMEOUT  seconds one benchmark binary's smoke run may take (default 240);
+#   SLUICE_BENCH_SMOKE_TIMEOUT  seconds one benchmark binary's smoke run may take (default 120);
 #                               past it the binary is killed (SIGKILL) and counted as a failure,
 #                               so a benchmark that hangs can never stall CI
 #
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 presets=("$@")
 [[ ${#presets[@]} -eq 0 ]] && presets=(dev clang asan-ubsan tsan bench)
 jobs="${SLUICE_JOBS:-$(nproc)}"
-smoke_timeout="${SLUICE_BENCH_SMOKE_TIMEOUT:-240}"
+smoke_timeout="${SLUICE_BENCH_SMOKE_TIMEOUT:-120}"
 
 scripts/install-deps.sh
 
