@@ -7,6 +7,8 @@
 #include "backoff.hpp"
 #include "channel.hpp"
 #include "clock.hpp"
+#include "deadline.hpp"
+#include "event_count.hpp"
 #include "key_lock_table.hpp"
 #include "limiter.hpp"
 #include "requeue_queue.hpp"
