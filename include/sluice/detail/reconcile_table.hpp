@@ -1,0 +1,258 @@
+// sluice/detail/reconcile_table.hpp — the three tables behind reconcile_pipeline (not public API).
+//
+//   node_slab<Node>   per-key state nodes in chunks of 256 (addresses never move, so a running
+//                     reconcile can hold a reference to its node's key), recycled through a free
+//                     list; every chunk but the first is released when the last node is freed.
+//   slot_index        open addressing (linear probing, backward-shift deletion, no tombstones) from a
+//                     32-bit mixed hash to a node id; load <= 1/2, shrinks at 1/8, freed at empty.
+//   deadline_heap     binary min-heap of {deadline, seq, id}; the node keeps its heap position, so
+//                     erase/update are O(log n); equal deadlines pop in scheduling order.
+//
+// None of them locks; reconcile_pipeline guards all three with its one mutex. Only the calls
+// documented "may allocate" allocate; the owner calls them on submitting threads, so a worker's
+// state transitions never allocate (the heap reserves room for every live node up front).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+namespace sluice::detail {
+
+inline constexpr std::uint32_t no_node = std::numeric_limits<std::uint32_t>::max();
+
+/// Mixes a std::size_t hash into 32 bits (Fibonacci hashing: the high half of a multiply).
+[[nodiscard]] inline std::uint32_t mix_hash(std::size_t h) noexcept {
+  return static_cast<std::uint32_t>((static_cast<std::uint64_t>(h) * 0x9E3779B97F4A7C15ULL) >> 32);
+}
+
+template <class Node>
+class node_slab {
+ public:
+  static constexpr std::uint32_t chunk_size = 256;
+
+  [[nodiscard]] Node& operator[](std::uint32_t id) noexcept { return chunks_[id / chunk_size][id % chunk_size]; }
+  [[nodiscard]] const Node& operator[](std::uint32_t id) const noexcept {
+    return chunks_[id / chunk_size][id % chunk_size];
+  }
+  [[nodiscard]] std::size_t live() const noexcept { return live_; }
+  [[nodiscard]] std::size_t capacity() const noexcept { return chunks_.size() * chunk_size; }
+
+  /// Makes sure the next allocate() cannot fail. May allocate (one chunk).
+  void reserve_one() {
+    if (free_ != no_node) return;
+    if (chunks_.size() >= (no_node - 1) / chunk_size) throw std::length_error("sluice::reconcile_pipeline: too many keys");
+    chunks_.reserve(chunks_.size() + 1);
+    auto chunk = std::make_unique<Node[]>(chunk_size);
+    const auto base = static_cast<std::uint32_t>(chunks_.size() * chunk_size);
+    for (std::uint32_t i = 0; i < chunk_size; ++i) chunk[i].next = i + 1 < chunk_size ? base + i + 1 : no_node;
+    chunks_.push_back(std::move(chunk));
+    free_ = base;
+  }
+
+  /// A free node's id (reserve_one() first). Never allocates.
+  [[nodiscard]] std::uint32_t allocate() noexcept {
+    const std::uint32_t id = free_;
+    free_ = (*this)[id].next;
+    ++live_;
+    return id;
+  }
+
+  /// Returns a node (its members already reset by the owner). Never allocates; at zero live
+  /// nodes every chunk but the first is released.
+  void release(std::uint32_t id) noexcept {
+    (*this)[id].next = free_;
+    free_ = id;
+    if (--live_ == 0 && chunks_.size() > 1) {
+      chunks_.resize(1);
+      for (std::uint32_t i = 0; i < chunk_size; ++i) chunks_[0][i].next = i + 1 < chunk_size ? i + 1 : no_node;
+      free_ = 0;
+    }
+  }
+
+ private:
+  std::vector<std::unique_ptr<Node[]>> chunks_;
+  std::uint32_t free_ = no_node;
+  std::size_t live_ = 0;
+};
+
+class slot_index {
+ public:
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  [[nodiscard]] std::size_t bucket_count() const noexcept { return buckets_.size(); }
+
+  /// The node id stored for hash `h` whose node satisfies `same(id)`, or no_node.
+  template <class Same>
+  [[nodiscard]] std::uint32_t find(std::uint32_t h, Same&& same) const {
+    if (size_ == 0) return no_node;
+    for (std::size_t i = h & mask_;; i = (i + 1) & mask_) {
+      const bucket& b = buckets_[i];
+      if (b.id == no_node) return no_node;
+      if (b.hash == h && same(b.id)) return b.id;
+    }
+  }
+
+  /// Makes sure the next insert() does not allocate. May allocate.
+  void reserve_one() {
+    if ((size_ + 1) * 2 > buckets_.size()) rehash(buckets_.empty() ? 16 : buckets_.size() * 2);
+  }
+
+  /// Inserts an absent key's id (reserve_one() first). Never allocates.
+  void insert(std::uint32_t h, std::uint32_t id) noexcept {
+    std::size_t i = h & mask_;
+    while (buckets_[i].id != no_node) i = (i + 1) & mask_;
+    buckets_[i] = bucket{h, id};
+    ++size_;
+  }
+
+  /// Removes `id` (stored under hash `h`). Never throws; may give memory back.
+  void erase(std::uint32_t h, std::uint32_t id) noexcept {
+    std::size_t i = h & mask_;
+    while (buckets_[i].id != id) i = (i + 1) & mask_;
+    // Backward-shift deletion: pull later members of the probe run into the hole.
+    for (std::size_t j = (i + 1) & mask_;; j = (j + 1) & mask_) {
+      const bucket& b = buckets_[j];
+      if (b.id == no_node) break;
+      const std::size_t home = b.hash & mask_;
+      // b may move to the hole i if its home is not cyclically within (i, j].
+      const bool movable = i <= j ? (home <= i || home > j) : (home <= i && home > j);
+      if (movable) {
+        buckets_[i] = b;
+        i = j;
+      }
+    }
+    buckets_[i].id = no_node;
+    --size_;
+    if (size_ == 0) {
+      std::vector<bucket>().swap(buckets_);
+      mask_ = 0;
+    } else if (buckets_.size() > 64 && size_ * 8 < buckets_.size()) {
+      try {
+        rehash(buckets_.size() / 4);
+      } catch (...) {  // keeping the larger array is always correct
+      }
+    }
+  }
+
+ private:
+  struct bucket {
+    std::uint32_t hash = 0;
+    std::uint32_t id = no_node;
+  };
+
+  void rehash(std::size_t n) {
+    std::vector<bucket> fresh(n);
+    const std::size_t mask = n - 1;
+    for (const bucket& b : buckets_) {
+      if (b.id == no_node) continue;
+      std::size_t i = b.hash & mask;
+      while (fresh[i].id != no_node) i = (i + 1) & mask;
+      fresh[i] = b;
+    }
+    buckets_.swap(fresh);
+    mask_ = mask;
+  }
+
+  std::vector<bucket> buckets_;
+  std::size_t mask_ = 0;
+  std::size_t size_ = 0;
+};
+
+/// Min-heap of deadlines; `pos(id)` is the node's stored heap position (no_node when absent).
+template <class TimePoint>
+class deadline_heap {
+ public:
+  struct entry {
+    TimePoint deadline;
+    std::uint64_t seq;
+    std::uint32_t id;
+  };
+
+  [[nodiscard]] std::size_t size() const noexcept { return heap_.size(); }
+  [[nodiscard]] bool empty() const noexcept { return heap_.empty(); }
+  [[nodiscard]] std::size_t capacity() const noexcept { return heap_.capacity(); }
+  [[nodiscard]] const entry& top() const noexcept { return heap_.front(); }
+
+  /// Room for n entries, so push() never allocates. May allocate.
+  void reserve(std::size_t n) {
+    if (heap_.capacity() < n) heap_.reserve(n < 2 * heap_.capacity() ? 2 * heap_.capacity() : n);
+  }
+  /// Gives the memory back (only when empty).
+  void release() noexcept {
+    if (heap_.empty()) std::vector<entry>().swap(heap_);
+  }
+
+  template <class Pos>
+  void push(TimePoint deadline, std::uint32_t id, Pos&& pos) noexcept {
+    heap_.push_back(entry{deadline, seq_++, id});  // capacity reserved: never reallocates
+    up(heap_.size() - 1, pos);
+  }
+
+  template <class Pos>
+  void erase_at(std::uint32_t at, Pos&& pos) noexcept {
+    pos(heap_[at].id) = no_node;
+    const std::size_t last = heap_.size() - 1;
+    if (at != last) {
+      heap_[at] = heap_[last];
+      heap_.pop_back();
+      pos(heap_[at].id) = at;
+      down(at, pos);
+      up(at, pos);
+    } else {
+      heap_.pop_back();
+    }
+  }
+
+  /// Moves the entry at `at` to a new deadline (after existing entries with that deadline).
+  template <class Pos>
+  void update(std::uint32_t at, TimePoint deadline, Pos&& pos) noexcept {
+    const std::uint32_t id = heap_[at].id;
+    heap_[at].deadline = deadline;
+    heap_[at].seq = seq_++;
+    down(at, pos);
+    up(pos(id), pos);
+  }
+
+ private:
+  static bool before(const entry& a, const entry& b) noexcept {
+    return a.deadline < b.deadline || (a.deadline == b.deadline && a.seq < b.seq);
+  }
+  template <class Pos>
+  void up(std::size_t i, Pos& pos) noexcept {
+    const entry e = heap_[i];
+    while (i > 0) {
+      const std::size_t parent = (i - 1) / 2;
+      if (!before(e, heap_[parent])) break;
+      heap_[i] = heap_[parent];
+      pos(heap_[i].id) = static_cast<std::uint32_t>(i);
+      i = parent;
+    }
+    heap_[i] = e;
+    pos(e.id) = static_cast<std::uint32_t>(i);
+  }
+  template <class Pos>
+  void down(std::size_t i, Pos& pos) noexcept {
+    const entry e = heap_[i];
+    const std::size_t n = heap_.size();
+    for (;;) {
+      std::size_t child = 2 * i + 1;
+      if (child >= n) break;
+      if (child + 1 < n && before(heap_[child + 1], heap_[child])) ++child;
+      if (!before(heap_[child], e)) break;
+      heap_[i] = heap_[child];
+      pos(heap_[i].id) = static_cast<std::uint32_t>(i);
+      i = child;
+    }
+    heap_[i] = e;
+    pos(e.id) = static_cast<std::uint32_t>(i);
+  }
+
+  std::vector<entry> heap_;
+  std::uint64_t seq_ = 0;
+};
+
+}  // namespace sluice::detail

@@ -1,0 +1,868 @@
+// Tests for sluice::reconcile_pipeline. Everything timed runs on a manual_clock; a test waits for
+// the pipeline to reach a state by polling its metrics (with a real-time watchdog), never by
+// sleeping until a deadline.
+#include <sluice/reconcile_pipeline.hpp>
+#include <sluice/testing/manual_clock.hpp>
+
+#include "test_support.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <future>
+#include <latch>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace std::chrono_literals;
+using sluice::reconcile_reason;
+using sluice::reconcile_result;
+using sluice::submit_status;
+using sluice::testing::manual_clock;
+
+namespace {
+
+struct item {
+  int key = 0;
+  int version = 0;
+};
+
+using mpipe = sluice::reconcile_pipeline<item, sluice::key_member<&item::key>, manual_clock>;
+using spipe = sluice::reconcile_pipeline<item, sluice::key_member<&item::key>>;
+
+/// Polls `pred` (yielding) until it holds; false after 20 s of real time (a failed check, not a hang).
+template <class Pred>
+bool eventually(Pred&& pred) {
+  const auto give_up = std::chrono::steady_clock::now() + 20s;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > give_up) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
+
+/// A gate a reconcile can block on until the test opens it.
+struct gate {
+  std::mutex m;
+  std::condition_variable cv;
+  bool open = false;
+  void wait() {
+    std::unique_lock lk(m);
+    cv.wait(lk, [&] { return open; });
+  }
+  void release() {
+    {
+      std::lock_guard lk(m);
+      open = true;
+    }
+    cv.notify_all();
+  }
+};
+
+struct run_record {
+  int key;
+  int version;
+  std::uint32_t attempt;
+  reconcile_reason reason;
+};
+
+struct recorder {
+  std::mutex m;
+  std::vector<run_record> runs;
+  void add(const item& e, const mpipe::context& c) {
+    std::lock_guard lk(m);
+    runs.push_back({e.key, e.version, c.attempt, c.reason});
+  }
+  std::vector<run_record> get() {
+    std::lock_guard lk(m);
+    return runs;
+  }
+  std::size_t size() {
+    std::lock_guard lk(m);
+    return runs.size();
+  }
+};
+
+struct flaky_clock {
+  using duration = manual_clock::duration;
+  using rep = manual_clock::rep;
+  using period = manual_clock::period;
+  using time_point = manual_clock::time_point;
+  static constexpr bool is_steady = true;
+  manual_clock inner;
+  std::shared_ptr<std::atomic<bool>> broken = std::make_shared<std::atomic<bool>>(false);
+  time_point now() const {
+    if (broken->load()) throw std::runtime_error("clock broke");
+    return inner.now();
+  }
+  void wait(sluice::detail::event_count& ec, sluice::detail::event_count::key_type k) const { inner.wait(ec, k); }
+  bool wait_until(sluice::detail::event_count& ec, sluice::detail::event_count::key_type k, time_point tp) const {
+    return inner.wait_until(ec, k, tp);
+  }
+};
+
+bool quiet(const sluice::reconcile_metrics& m) { return m.queued == 0 && m.in_flight == 0 && m.waiting == 0; }
+
+}  // namespace
+
+TEST_CASE("reconcile_pipeline: every result kind, with the context the callback is given") {
+  manual_clock clock;
+  recorder rec;
+  std::vector<sluice::dead_letter<int, item>> dead;
+  std::mutex dead_m;
+  mpipe::options o;
+  o.max_parallel = 2;
+  o.backoff.base = 10ms;
+  o.backoff.max = 1s;
+  o.on_dead_letter = [&](sluice::dead_letter<int, item>&& d) {
+    std::lock_guard lk(dead_m);
+    dead.push_back(std::move(d));
+  };
+  struct not_std {};
+  mpipe p(o, [&](const item& e, const mpipe::context& c) -> reconcile_result {
+    rec.add(e, c);
+    switch (e.key) {
+      case 1: return reconcile_result::done();
+      case 2:
+        return c.reason != reconcile_reason::requeue_requested ? reconcile_result::requeue_after(1s)
+                                                               : reconcile_result::done();
+      case 3: return c.attempt == 1 ? reconcile_result::failure("boom") : reconcile_result::done();
+      case 4:
+        if (c.attempt == 1) throw std::runtime_error("thrown");
+        return reconcile_result::done();
+      case 5:
+        if (c.attempt == 1) throw not_std{};
+        return reconcile_result::done();
+      case 6: return reconcile_result::terminal("never");
+      default: return reconcile_result::done();
+    }
+  }, clock);
+  for (int k = 1; k <= 6; ++k) {
+    REQUIRE(p.submit(item{k, 1}, {.reason = k == 1 ? reconcile_reason::created : reconcile_reason::updated}) ==
+            submit_status::ok);
+  }
+  REQUIRE(eventually([&] { auto m = p.metrics(); return quiet(m) && m.reconciled == 6; }));
+  auto m = p.metrics();
+  CHECK(m.succeeded == 1);
+  CHECK(m.requeues == 1);
+  CHECK(m.failed == 4);
+  CHECK(m.retries == 3);
+  CHECK(m.dead_lettered == 1);
+  CHECK(m.scheduled == 4);  // 2 (requeue), 3, 4, 5 (retries)
+  clock.advance(10ms);      // the retries are due (backoff base), the requeue is not
+  REQUIRE(eventually([&] { auto x = p.metrics(); return quiet(x) && x.reconciled == 9; }));
+  clock.advance(1s);
+  REQUIRE(eventually([&] { auto x = p.metrics(); return quiet(x) && x.reconciled == 10 && x.keys == 0; }));
+  m = p.metrics();
+  CHECK(m.succeeded == 5);
+  CHECK(m.balanced());
+  const auto runs = rec.get();
+  int seen = 0;
+  for (const auto& r : runs) {
+    if (r.key == 1) CHECK(r.reason == reconcile_reason::created);
+    if (r.key == 2 && r.attempt > 1) FAIL("a requeue is not a retry: attempt stays 1");
+    if (r.key == 2 && r.reason == reconcile_reason::requeue_requested) ++seen;
+    if ((r.key == 3 || r.key == 4 || r.key == 5) && r.attempt == 2) {
+      CHECK(r.reason == reconcile_reason::retry_after_failure);
+      ++seen;
+    }
+  }
+  CHECK(seen == 4);
+  std::lock_guard lk(dead_m);
+  REQUIRE(dead.size() == 1);
+  CHECK(dead[0].key == 6);
+  CHECK(dead[0].reason == sluice::dead_letter_reason::terminal);
+  CHECK(dead[0].error.message == "never");
+}
+
+TEST_CASE("reconcile_pipeline: thrown errors keep their exception; non-std throws are caught") {
+  manual_clock clock;
+  std::mutex m;
+  std::vector<sluice::reconcile_error> errors;
+  mpipe::options o;
+  o.max_parallel = 1;
+  o.backoff.max_retries = 0;  // dead-letter on the first failure
+  o.on_failure = [&](const int&, const sluice::reconcile_error& e, std::uint32_t) {
+    std::lock_guard lk(m);
+    errors.push_back(e);
+  };
+  mpipe p(o, [](const item& e, std::stop_token) -> reconcile_result {
+    if (e.key == 1) throw std::logic_error("logic");
+    throw 42;
+  }, clock);
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(p.submit(item{2, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().dead_lettered == 2; }));
+  std::lock_guard lk(m);
+  REQUIRE(errors.size() == 2);
+  for (const auto& e : errors) {
+    REQUIRE(e.exception);
+    if (e.message == "logic") {
+      CHECK_THROWS_AS(std::rethrow_exception(e.exception), std::logic_error);
+    } else {
+      CHECK(e.message == "non-standard exception");
+      CHECK_THROWS_AS(std::rethrow_exception(e.exception), int);
+    }
+  }
+}
+
+TEST_CASE("reconcile_pipeline: a reconcile that throws every time is retried, then dead-lettered") {
+  manual_clock clock;
+  std::atomic<int> runs{0};
+  std::atomic<int> dead{0};
+  std::uint32_t dead_failures = 0;
+  mpipe::options o;
+  o.max_parallel = 2;
+  o.backoff.base = 1ms;
+  o.backoff.max = 1s;
+  o.backoff.max_retries = 3;
+  o.on_dead_letter = [&](sluice::dead_letter<int, item>&& d) {
+    dead_failures = d.failures;
+    CHECK(d.reason == sluice::dead_letter_reason::retries_exhausted);
+    ++dead;
+  };
+  mpipe p(o, [&](const item&, std::stop_token) -> reconcile_result {
+    ++runs;
+    throw std::runtime_error("always");
+  }, clock);
+  REQUIRE(p.submit(item{7, 1}) == submit_status::ok);
+  for (int i = 0; i < 10 && dead.load() == 0; ++i) {
+    REQUIRE(eventually([&] { auto m = p.metrics(); return quiet(m) && m.reconciled == static_cast<unsigned>(i + 1); }));
+    clock.advance(1s);
+  }
+  CHECK(runs == 4);  // the first attempt and 3 retries
+  CHECK(dead == 1);
+  CHECK(dead_failures == 4);
+  auto m = p.metrics();
+  CHECK(m.retries == 3);
+  CHECK(m.failed == 4);
+  CHECK(m.keys == 0);
+  CHECK(m.balanced());
+}
+
+TEST_CASE("reconcile_pipeline: success forgets the backoff; only attempts that waited escalate it") {
+  manual_clock clock;
+  recorder rec;
+  std::atomic<bool> fail{true};
+  mpipe::options o;
+  o.max_parallel = 1;
+  o.backoff.base = 10ms;
+  o.backoff.max = 10s;
+  o.backoff.max_retries = 100;
+  mpipe p(o, [&](const item& e, const mpipe::context& c) {
+    rec.add(e, c);
+    return fail ? reconcile_result::failure("no") : reconcile_result::done();
+  }, clock);
+  auto runs_are = [&](std::size_t n) {
+    return eventually([&] { return quiet(p.metrics()) && rec.size() == n; });
+  };
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(runs_are(1));  // failure 1: retry in 10 ms
+  // A new version arrives before the retry is due: it runs at once (earliest deadline wins)...
+  REQUIRE(p.submit(item{1, 2}) == submit_status::ok);
+  REQUIRE(runs_are(2));
+  // ...and its failure does not escalate: the retry is again 10 ms out, not 20 ms.
+  clock.advance(9ms);
+  CHECK(rec.size() == 2);
+  clock.advance(1ms);
+  REQUIRE(runs_are(3));  // this retry waited out its delay: failure 2 -> 20 ms
+  clock.advance(19ms);
+  CHECK(rec.size() == 3);
+  clock.advance(1ms);
+  REQUIRE(runs_are(4));  // failure 3 -> 40 ms
+  auto runs = rec.get();
+  CHECK(runs[0].attempt == 1);
+  CHECK(runs[1].attempt == 2);
+  CHECK(runs[1].reason == reconcile_reason::updated);
+  CHECK(runs[2].attempt == 2);
+  CHECK(runs[2].reason == reconcile_reason::retry_after_failure);
+  CHECK(runs[3].attempt == 3);
+  fail = false;
+  clock.advance(40ms);
+  REQUIRE(runs_are(5));  // succeeds: backoff forgotten, key state gone
+  CHECK(p.metrics().keys == 0);
+  fail = true;
+  REQUIRE(p.submit(item{1, 3}) == submit_status::ok);
+  REQUIRE(runs_are(6));
+  CHECK(rec.get()[5].attempt == 1);  // a fresh budget
+  clock.advance(10ms);               // and the first delay again
+  REQUIRE(runs_are(7));
+}
+
+TEST_CASE("reconcile_pipeline: a failure that also asks for a delay waits for the later of the two") {
+  manual_clock clock;
+  std::atomic<int> runs{0};
+  mpipe::options o;
+  o.max_parallel = 1;
+  o.backoff.base = 10ms;
+  mpipe p(o, [&](const item&, std::stop_token) {
+    return ++runs == 1 ? reconcile_result::failure("later", 100ms) : reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return quiet(p.metrics()) && runs == 1; }));
+  auto m = p.metrics();
+  CHECK(m.failed == 1);
+  CHECK(m.retries == 1);    // counted as a failure and a retry...
+  CHECK(m.requeues == 0);   // ...never as a requested requeue
+  clock.advance(99ms);      // past the backoff (10 ms), before the asked delay
+  CHECK(runs == 1);
+  clock.advance(1ms);
+  REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+  CHECK(runs == 2);
+}
+
+TEST_CASE("reconcile_pipeline: dedup of queued and scheduled versions; the deadline rule") {
+  manual_clock clock;
+  recorder rec;
+  gate g;
+  mpipe::options o;
+  o.max_parallel = 1;
+  mpipe p(o, [&](const item& e, const mpipe::context& c) {
+    if (e.key == 0) g.wait();
+    rec.add(e, c);
+    return reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(item{0, 1}) == submit_status::ok);  // occupies the only worker
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(p.submit(item{1, 2}) == submit_status::ok);  // replaces the queued version
+  REQUIRE(p.submit(item{2, 1}, {.delay = 10s}) == submit_status::ok);
+  REQUIRE(p.submit(item{2, 2}, {.delay = 5s}) == submit_status::ok);   // earlier deadline wins
+  REQUIRE(p.submit(item{2, 3}, {.delay = 20s}) == submit_status::ok);  // later one: deadline stays 5 s
+  REQUIRE(p.submit(item{3, 1}, {.delay = 10s}) == submit_status::ok);
+  REQUIRE(p.submit(item{3, 2}) == submit_status::ok);  // due now beats the scheduled deadline
+  auto m = p.metrics();
+  CHECK(m.queued == 2);
+  CHECK(m.scheduled == 1);
+  CHECK(m.coalesced == 4);
+  g.release();
+  REQUIRE(eventually([&] { return quiet(p.metrics()) && rec.size() == 3; }));
+  clock.advance(5s);
+  REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+  const auto runs = rec.get();
+  REQUIRE(runs.size() == 4);
+  CHECK((runs[1].key == 1 && runs[1].version == 2));
+  CHECK((runs[2].key == 3 && runs[2].version == 2));
+  CHECK((runs[3].key == 2 && runs[3].version == 3));  // the newest entity, at the earliest deadline
+  CHECK(p.metrics().balanced());
+}
+
+TEST_CASE("reconcile_pipeline: cancel removes pending work and stops the running reconcile") {
+  manual_clock clock;
+  std::atomic<int> stopped_runs{0};
+  std::atomic<int> runs{0};
+  gate g;
+  mpipe::options o;
+  o.max_parallel = 1;
+  mpipe p(o, [&](const item& e, std::stop_token stop) {
+    ++runs;
+    if (e.key == 0) {
+      while (!stop.stop_requested()) std::this_thread::yield();
+      ++stopped_runs;
+      return reconcile_result::requeue_after(1s);  // ignored: the key was cancelled
+    }
+    return reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(item{0, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(p.submit(item{2, 1}, {.delay = 1h}) == submit_status::ok);
+  REQUIRE(p.submit(item{0, 2}) == submit_status::ok);  // waits behind the running version
+  CHECK(p.metrics().waiting == 1);
+  auto r1 = p.cancel(1);
+  CHECK(r1.removed_pending);
+  CHECK_FALSE(r1.stop_requested);
+  auto r2 = p.cancel(2);
+  CHECK(r2.removed_pending);
+  CHECK_FALSE(p.cancel(99));
+  auto r0 = p.cancel(0);  // the waiting version and the running one
+  CHECK(r0.removed_pending);
+  CHECK(r0.stop_requested);
+  REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+  auto m = p.metrics();
+  CHECK(stopped_runs == 1);
+  CHECK(runs == 1);
+  CHECK(m.cancelled == 4);  // 1, 2, the waiting 0, and the running 0 whose requeue was dropped
+  CHECK(m.scheduled == 0);
+  CHECK(m.balanced());
+}
+
+TEST_CASE("reconcile_pipeline: conflict strategy coalesce keeps only the newest version") {
+  manual_clock clock;
+  recorder rec;
+  gate g;
+  mpipe::options o;
+  o.max_parallel = 2;
+  mpipe p(o, [&](const item& e, const mpipe::context& c) {
+    if (e.version == 1) g.wait();
+    rec.add(e, c);
+    return reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(item{5, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+  for (int v = 2; v <= 10; ++v) REQUIRE(p.submit(item{5, v}) == submit_status::ok);
+  CHECK(p.metrics().waiting == 1);
+  CHECK(p.metrics().coalesced == 8);
+  CHECK(p.metrics().in_flight == 1);  // the second worker never touches key 5
+  g.release();
+  REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+  const auto runs = rec.get();
+  REQUIRE(runs.size() == 2);
+  CHECK(runs[1].version == 10);
+  CHECK(p.metrics().balanced());
+}
+
+TEST_CASE("reconcile_pipeline: conflict strategy discard leaves the entity with the caller") {
+  manual_clock clock;
+  gate g;
+  std::atomic<int> runs{0};
+  mpipe::options o;
+  o.on_conflict = sluice::conflict_strategy::discard;
+  mpipe p(o, [&](const item&, std::stop_token) {
+    ++runs;
+    g.wait();
+    return reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+  item again{1, 2};
+  CHECK(p.submit(std::move(again)) == submit_status::discarded);
+  CHECK(again.version == 2);
+  g.release();
+  REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+  auto m = p.metrics();
+  CHECK(runs == 1);
+  CHECK(m.discarded == 1);
+  CHECK(m.balanced());
+}
+
+TEST_CASE("reconcile_pipeline: conflict strategy requeue_after defers while the key runs") {
+  manual_clock clock;
+  gate g;
+  recorder rec;
+  mpipe::options o;
+  o.on_conflict = sluice::conflict_strategy::requeue_after;
+  o.conflict_delay = 2s;
+  mpipe p(o, [&](const item& e, const mpipe::context& c) {
+    if (e.version == 1) g.wait();
+    rec.add(e, c);
+    return reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+  REQUIRE(p.submit(item{1, 2}) == submit_status::ok);
+  CHECK(p.metrics().scheduled == 1);
+  clock.advance(2s);  // due, but the key still runs: deferred again
+  REQUIRE(eventually([&] { return p.metrics().conflict_requeues == 1; }));
+  CHECK(p.metrics().scheduled == 1);
+  g.release();
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 0; }));
+  CHECK(rec.size() == 1);
+  clock.advance(2s);
+  REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+  CHECK(rec.get().back().version == 2);
+  CHECK(p.metrics().balanced());
+}
+
+TEST_CASE("reconcile_pipeline: conflict strategy wait blocks the submitter, not a worker") {
+  manual_clock clock;
+  gate g;
+  recorder rec;
+  mpipe::options o;
+  o.max_parallel = 2;
+  o.on_conflict = sluice::conflict_strategy::wait;
+  mpipe p(o, [&](const item& e, const mpipe::context& c) {
+    if (e.key == 1 && e.version == 1) g.wait();
+    rec.add(e, c);
+    return reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+  item busy{1, 2};
+  CHECK(p.try_submit(std::move(busy)) == submit_status::busy);
+  CHECK(busy.version == 2);
+  auto waiter = std::async(std::launch::async, [&] { return p.submit(item{1, 3}); });
+  // The other worker is free for other keys while the submitter waits.
+  REQUIRE(p.submit(item{2, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return rec.size() == 1; }));
+  CHECK(rec.get()[0].key == 2);
+  g.release();
+  CHECK(waiter.get() == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+  CHECK(rec.size() == 3);
+  CHECK(rec.get().back().version == 3);
+}
+
+TEST_CASE("reconcile_pipeline: priorities are FIFO within, and a low priority is never starved") {
+  manual_clock clock;
+  gate g;
+  std::mutex m;
+  std::vector<int> order;
+  std::atomic<bool> keep_going{true};
+  mpipe::options o;
+  o.max_parallel = 1;
+  o.priority_levels = 2;
+  o.starvation_limit = 4;
+  mpipe p(o, [&](const item& e, std::stop_token) {
+    if (e.key == 0) g.wait();
+    {
+      std::lock_guard lk(m);
+      order.push_back(e.key);
+    }
+    // High-priority keys requeue themselves at once, forever: a steady high-priority stream.
+    if (e.key >= 100 && keep_going) return reconcile_result::requeue_after(0s);
+    return reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(item{0, 1}, {.priority = 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+  for (int k = 100; k < 110; ++k) REQUIRE(p.submit(item{k, 1}, {.priority = 1}) == submit_status::ok);
+  REQUIRE(p.submit(item{1, 1}, {.priority = 0}) == submit_status::ok);
+  REQUIRE(p.submit(item{2, 1}, {.priority = 0}) == submit_status::ok);
+  g.release();
+  REQUIRE(eventually([&] {
+    std::lock_guard lk(m);
+    return order.size() > 40;
+  }));
+  keep_going = false;
+  REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+  std::lock_guard lk(m);
+  // Position 0 is the gate key; then at most 4 high dispatches before each low key's turn.
+  for (int i = 1; i <= 4; ++i) CHECK(order[static_cast<std::size_t>(i)] == 99 + i);  // FIFO among highs
+  CHECK(order[5] == 1);
+  CHECK(order[10] == 2);
+  int max_run = 0;
+  int run = 0;
+  for (std::size_t i = 1; i < 40; ++i) {
+    if (order[i] >= 100) max_run = std::max(max_run, ++run); else run = 0;
+  }
+  CHECK(max_run >= 4);
+}
+
+TEST_CASE("reconcile_pipeline: reconcile_timeout requests stop, counts a failure, retries") {
+  manual_clock clock;
+  std::atomic<int> runs{0};
+  mpipe::options o;
+  o.max_parallel = 1;
+  o.reconcile_timeout = 1s;
+  o.backoff.base = 10ms;
+  mpipe p(o, [&](const item&, std::stop_token stop) {
+    if (++runs == 1) {
+      while (!stop.stop_requested()) std::this_thread::yield();
+    }
+    return reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+  clock.advance(1s);
+  REQUIRE(eventually([&] { auto m = p.metrics(); return m.in_flight == 0 && m.scheduled == 1; }));
+  auto m = p.metrics();
+  CHECK(m.timeouts == 1);
+  CHECK(m.failed == 1);
+  CHECK(m.retries == 1);
+  clock.advance(10ms);
+  REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+  CHECK(runs == 2);
+  CHECK(p.metrics().succeeded == 1);
+}
+
+TEST_CASE("reconcile_pipeline: the submit family leaves the entity with the caller when it fails") {
+  struct job {
+    int key;
+    std::unique_ptr<int> payload;
+  };
+  using jpipe = sluice::reconcile_pipeline<job, sluice::key_member<&job::key>, manual_clock>;
+  manual_clock clock;
+  gate g;
+  jpipe::options o;
+  o.max_parallel = 1;
+  o.capacity = 1;
+  jpipe p(o, [&](const job& j, std::stop_token) {
+    if (j.key == 0) g.wait();
+    return reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(job{0, nullptr}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+  REQUIRE(p.submit(job{1, std::make_unique<int>(1)}) == submit_status::ok);  // intake now full
+  job j{2, std::make_unique<int>(2)};
+  CHECK(p.try_submit(std::move(j)) == submit_status::full);
+  REQUIRE(j.payload);
+  CHECK(p.try_submit_until(std::move(j), clock.now()) == submit_status::timeout);
+  REQUIRE(j.payload);
+  // A replacement of a pending key needs no room.
+  CHECK(p.try_submit(job{1, std::make_unique<int>(11)}) == submit_status::ok);
+  auto timed = std::async(std::launch::async, [&] { return p.try_submit_for(std::move(j), 5s); });
+  REQUIRE(clock.wait_for_waiters_for(1, 20s));  // the submitter is parked on the clock
+  clock.advance(5s);
+  CHECK(timed.get() == submit_status::timeout);
+  REQUIRE(j.payload);
+  std::stop_source ss;
+  auto cancelled = std::async(std::launch::async, [&] { return p.submit(std::move(j), ss.get_token()); });
+  REQUIRE(clock.wait_for_waiters_for(1, 20s));
+  ss.request_stop();
+  CHECK(cancelled.get() == submit_status::cancelled);
+  REQUIRE(j.payload);
+  auto blocked = std::async(std::launch::async, [&] { return p.submit(std::move(j)); });
+  g.release();
+  CHECK(blocked.get() == submit_status::ok);
+  CHECK_FALSE(j.payload);
+  p.stop();
+  job late{3, std::make_unique<int>(3)};
+  CHECK(p.submit(std::move(late)) == submit_status::closed);
+  CHECK(late.payload);
+  CHECK(p.metrics().balanced());
+}
+
+TEST_CASE("reconcile_pipeline: stop reports queued, scheduled and waiting work; running work is stopped") {
+  manual_clock clock;
+  std::mutex m;
+  std::vector<std::pair<int, sluice::pending_state>> reported;
+  std::atomic<int> stopped{0};
+  mpipe::options o;
+  o.max_parallel = 2;
+  o.on_unprocessed = [&](sluice::unprocessed<int, item>&& u) {
+    std::lock_guard lk(m);
+    reported.emplace_back(u.key, u.state);
+  };
+  mpipe p(o, [&](const item& e, std::stop_token stop) {
+    if (e.key < 2) {
+      while (!stop.stop_requested()) std::this_thread::yield();
+      ++stopped;
+      return reconcile_result::failure("interrupted");  // retried: so it is reported as scheduled
+    }
+    return reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(item{0, 1}) == submit_status::ok);
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 2; }));
+  REQUIRE(p.submit(item{2, 1}) == submit_status::ok);
+  REQUIRE(p.submit(item{3, 1}) == submit_status::ok);
+  REQUIRE(p.submit(item{4, 1}, {.delay = 1h}) == submit_status::ok);
+  REQUIRE(p.submit(item{0, 2}) == submit_status::ok);  // waiting behind the running 0
+  p.stop();
+  CHECK(stopped == 2);
+  std::lock_guard lk(m);
+  CHECK(reported.size() == 5);  // 2, 3 queued; 4 scheduled; 0 waiting (supersedes its retry); 1 retry
+  int queued = 0, scheduled = 0;
+  for (auto& [k, st] : reported) {
+    if (st == sluice::pending_state::queued) ++queued;
+    if (st == sluice::pending_state::scheduled) ++scheduled;
+  }
+  CHECK(queued == 3);     // 2, 3, and 0's newer version (queued when its run ended)
+  CHECK(scheduled == 2);  // 4, and 1's retry
+  auto mm = p.metrics();
+  CHECK(mm.unprocessed == 5);
+  CHECK(mm.keys == 0);
+  CHECK(mm.stopped);
+  CHECK(mm.balanced());
+  p.stop();  // idempotent
+  CHECK(p.metrics().unprocessed == 5);
+}
+
+TEST_CASE("reconcile_pipeline: drain runs requeues due before its deadline, then reports the rest") {
+  manual_clock clock;
+  std::atomic<int> runs_x{0};
+  std::mutex m;
+  std::vector<int> reported;
+  mpipe::options o;
+  o.max_parallel = 1;
+  o.on_unprocessed = [&](sluice::unprocessed<int, item>&& u) {
+    std::lock_guard lk(m);
+    reported.push_back(u.key);
+  };
+  mpipe p(o, [&](const item& e, std::stop_token) {
+    if (e.key == 1) return ++runs_x == 1 ? reconcile_result::requeue_after(1s) : reconcile_result::done();
+    return reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(p.submit(item{2, 1}, {.delay = 5s}) == submit_status::ok);
+  REQUIRE(eventually([&] { auto x = p.metrics(); return quiet(x) && x.scheduled == 2; }));
+  const auto deadline = clock.now() + 2s;
+  auto drained = std::async(std::launch::async, [&] { return p.drain_until(deadline); });
+  REQUIRE(eventually([&] { return p.is_closed(); }));
+  CHECK(p.submit(item{3, 1}) == submit_status::closed);
+  clock.advance(1s);  // the requeue of 1 is due before the drain deadline: it runs
+  REQUIRE(eventually([&] { return runs_x == 2; }));
+  clock.advance(1s);  // the drain deadline: 2 (due at 5 s) is reported
+  CHECK_FALSE(drained.get());
+  std::lock_guard lk(m);
+  CHECK(reported == std::vector<int>{2});
+  CHECK(p.metrics().balanced());
+}
+
+TEST_CASE("reconcile_pipeline: drain with nothing left returns true; the destructor stops") {
+  spipe p({.max_parallel = 2}, [](const item&, std::stop_token) { return reconcile_result::done(); });
+  for (int i = 0; i < 1000; ++i) REQUIRE(p.submit(item{i % 37, i}) == submit_status::ok);
+  CHECK(p.drain_for(60s));
+  CHECK(p.metrics().balanced());
+  CHECK(p.metrics().stopped);
+}
+
+TEST_CASE("reconcile_pipeline: stop from several threads and from inside a reconcile") {
+  for (int round = 0; round < 20; ++round) {
+    std::atomic<int> reported{0};
+    spipe::options o;
+    o.max_parallel = 3;
+    o.on_unprocessed = [&](sluice::unprocessed<int, item>&&) { ++reported; };
+    std::unique_ptr<spipe> p;
+    std::atomic<bool> ready{false};
+    p = std::make_unique<spipe>(o, [&](const item& e, std::stop_token stop) {
+      if (e.key == 13 && ready) p->stop();  // begins the shutdown, returns at once
+      if (e.key % 3 == 0) {
+        while (!stop.stop_requested()) std::this_thread::yield();
+      }
+      return reconcile_result::done();
+    });
+    ready = true;
+    for (int i = 0; i < 200; ++i) (void)p->try_submit(item{i, 1});
+    std::vector<std::thread> stoppers;
+    for (int t = 0; t < 3; ++t) stoppers.emplace_back([&] { p->stop(); });
+    for (auto& t : stoppers) t.join();
+    p->wait();
+    auto m = p->metrics();
+    CHECK(m.stopped);
+    CHECK(m.in_flight == 0);
+    CHECK(m.keys == 0);
+    CHECK(m.unprocessed == static_cast<std::uint64_t>(reported.load()));
+    CHECK(m.balanced());
+    p.reset();
+  }
+}
+
+TEST_CASE("reconcile_pipeline: a stop from inside a reconcile alone completes the shutdown") {
+  std::atomic<int> reported{0};
+  spipe::options o;
+  o.max_parallel = 1;
+  o.on_unprocessed = [&](sluice::unprocessed<int, item>&&) { ++reported; };
+  gate g;
+  spipe* self = nullptr;
+  spipe p(o, [&](const item& e, std::stop_token) {
+    g.wait();
+    if (e.key == 0) self->stop();
+    return reconcile_result::done();
+  });
+  self = &p;
+  REQUIRE(p.submit(item{0, 1}) == submit_status::ok);
+  for (int i = 1; i < 10; ++i) REQUIRE(p.submit(item{i, 1}) == submit_status::ok);
+  g.release();
+  p.wait();  // returns once the worker finished the shutdown it began
+  CHECK(reported == 9);
+  CHECK(p.metrics().balanced());
+}
+
+TEST_CASE("reconcile_pipeline: seed 000 — submissions far faster than reconciles stay bounded") {
+  std::atomic<int> in_flight{0};
+  std::atomic<int> max_in_flight{0};
+  std::vector<std::atomic<int>> last_seen(100);
+  spipe::options o;
+  o.max_parallel = 4;
+  o.capacity = 128;  // room for every key: the submitter never waits, it only replaces
+  spipe p(o, [&](const item& e, std::stop_token) {
+    const int now = ++in_flight;
+    int seen = max_in_flight.load();
+    while (now > seen && !max_in_flight.compare_exchange_weak(seen, now)) {
+    }
+    const auto until = std::chrono::steady_clock::now() + 100us;  // "slow" work
+    while (std::chrono::steady_clock::now() < until) std::this_thread::yield();
+    last_seen[static_cast<std::size_t>(e.key)].store(e.version);
+    --in_flight;
+    return reconcile_result::done();
+  });
+  const int n = static_cast<int>(sluice_test::scaled(200'000));
+  std::size_t max_keys = 0;
+  for (int i = 0; i < n; ++i) {
+    REQUIRE(p.submit(item{i % 100, i}) == submit_status::ok);
+    if (i % 1024 == 0) max_keys = std::max(max_keys, p.internal_sizes().keys);
+  }
+  p.wait_idle();
+  auto m = p.metrics();
+  CHECK(max_in_flight <= 4);
+  CHECK(max_keys <= 100);  // state per distinct key, never per submission
+  CHECK(m.reconciled < static_cast<std::uint64_t>(n) / 2);
+  CHECK(m.coalesced > 0);
+  CHECK(m.balanced());
+  for (int k = 0; k < 100; ++k) CHECK(last_seen[static_cast<std::size_t>(k)].load() == n - 100 + k);
+}
+
+TEST_CASE("reconcile_pipeline: 1M distinct keys leave every internal table empty") {
+  std::atomic<std::uint64_t> runs{0};
+  spipe::options o;
+  o.max_parallel = 2;
+  o.capacity = 4096;
+  spipe p(o, [&](const item& e, const spipe::context& c) {
+    ++runs;
+    return (e.key % 10 == 0 && c.reason != reconcile_reason::requeue_requested) ? reconcile_result::requeue_after(0s)
+                                                                               : reconcile_result::done();
+  });
+  const int n = static_cast<int>(sluice_test::scaled(1'000'000));
+  for (int i = 0; i < n; ++i) REQUIRE(p.submit(item{i, 0}) == submit_status::ok);
+  p.wait_idle();
+  const auto s = p.internal_sizes();
+  CHECK(s.keys == 0);
+  CHECK(s.index_entries == 0);
+  CHECK(s.index_buckets == 0);
+  CHECK(s.heap_entries == 0);
+  CHECK(s.heap_capacity == 0);
+  CHECK(s.queued == 0);
+  CHECK(s.waiting == 0);
+  auto m = p.metrics();
+  CHECK(m.submitted == static_cast<std::uint64_t>(n));
+  CHECK(m.succeeded == static_cast<std::uint64_t>(n));
+  CHECK(m.balanced());
+  CHECK(runs == static_cast<std::uint64_t>(n + n / 10));
+}
+
+TEST_CASE("reconcile_pipeline: a fault in the machinery is rethrown by wait() and shown in metrics") {
+  flaky_clock clock;
+  using fpipe = sluice::reconcile_pipeline<item, sluice::key_member<&item::key>, flaky_clock>;
+  fpipe p({.max_parallel = 1}, [&](const item&, std::stop_token) {
+    clock.broken->store(true);
+    return reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  CHECK_THROWS_WITH(p.wait(), "clock broke");
+  clock.broken->store(false);
+  auto m = p.metrics();
+  CHECK(m.faulted);
+  CHECK(m.succeeded == 1);
+  CHECK(p.submit(item{2, 1}) == submit_status::closed);
+}
+
+TEST_CASE("reconcile_pipeline: metrics histograms give percentiles") {
+  sluice::latency_histogram h;
+  for (int i = 1; i <= 1000; ++i) h.record(std::chrono::microseconds(i));
+  CHECK(h.count() == 1000);
+  const auto p50 = h.percentile(0.5);
+  CHECK(p50 >= 500us);
+  CHECK(p50 <= 625us);
+  CHECK(h.percentile(1.0) == 1000us);
+  CHECK(h.percentile(0.99) >= 990us);
+  CHECK(h.max() == 1000us);
+  sluice::latency_histogram empty;
+  CHECK(empty.percentile(0.5) == 0ns);
+}
+
+TEST_CASE("reconcile_pipeline: bad options throw std::invalid_argument naming the field") {
+  auto make = [](auto tweak) {
+    spipe::options o;
+    tweak(o);
+    spipe p(o, [](const item&, std::stop_token) { return reconcile_result::done(); });
+  };
+  CHECK_THROWS_WITH(make([](spipe::options& o) { o.max_parallel = 0; }), Catch::Contains("max_parallel"));
+  CHECK_THROWS_WITH(make([](spipe::options& o) { o.capacity = 0; }), Catch::Contains("capacity must be >= 1, got 0"));
+  CHECK_THROWS_WITH(make([](spipe::options& o) { o.priority_levels = 0; }), Catch::Contains("priority_levels"));
+  CHECK_THROWS_WITH(make([](spipe::options& o) { o.starvation_limit = 0; }), Catch::Contains("starvation_limit"));
+  CHECK_THROWS_WITH(make([](spipe::options& o) { o.reconcile_timeout = 0s; }), Catch::Contains("reconcile_timeout"));
+  CHECK_THROWS_WITH(make([](spipe::options& o) { o.backoff.base = 0s; }), Catch::Contains("backoff.base"));
+  CHECK_THROWS_WITH(make([](spipe::options& o) {
+    o.on_conflict = sluice::conflict_strategy::requeue_after;
+    o.conflict_delay = 0s;
+  }), Catch::Contains("conflict_delay"));
+  spipe p({.max_parallel = 1}, [](const item&, std::stop_token) { return reconcile_result::done(); });
+  CHECK_THROWS_AS(p.submit(item{1, 1}, {.priority = 2}), std::invalid_argument);
+  CHECK_THROWS_AS(p.submit(item{1, 1}, {.reason = reconcile_reason::retry_after_failure}), std::invalid_argument);
+}
