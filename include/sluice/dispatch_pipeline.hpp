@@ -108,10 +108,11 @@ struct delivery_report {
 class latency_histogram {
  public:
   static constexpr std::size_t buckets = 64;
-  void record(std::chrono::nanoseconds d) noexcept {
+  /// Counts `n` samples of duration `d`.
+  void record(std::chrono::nanoseconds d, std::uint64_t n = 1) noexcept {
     const auto v = static_cast<std::uint64_t>(d.count() < 1 ? 1 : d.count());
     // relaxed: statistics only; nothing is published through these counters.
-    counts_[static_cast<std::size_t>(std::bit_width(v) - 1)].fetch_add(1, std::memory_order_relaxed);
+    if (n > 0) counts_[static_cast<std::size_t>(std::bit_width(v) - 1)].fetch_add(n, std::memory_order_relaxed);
   }
   struct snapshot {
     std::array<std::uint64_t, buckets> counts{};
@@ -180,7 +181,7 @@ struct dispatch_metrics {
   std::size_t buffer_used = 0;
   std::size_t buffer_available = 0;
   std::size_t waiting_appenders = 0;
-  latency_histogram::snapshot queue_time;       ///< send -> report, delivered records
+  latency_histogram::snapshot queue_time;       ///< batch's first append -> report, per delivered record
   latency_histogram::snapshot request_latency;  ///< sink call -> completion
 };
 
@@ -199,15 +200,13 @@ class dispatch_pipeline {
  private:
   // One accepted record. `done` is the final state, set exactly once by report().
   struct envelope {
-    envelope(Record&& r, delivery_callback&& c, time_point t) noexcept
-        : record(std::move(r)), callback(std::move(c)), accepted(t) {}
+    envelope(Record&& r, delivery_callback&& c) noexcept : record(std::move(r)), callback(std::move(c)) {}
     envelope(envelope&& o) noexcept
-        : record(std::move(o.record)), callback(std::move(o.callback)), accepted(o.accepted), retries(o.retries),
-          possibly(o.possibly), done(std::exchange(o.done, true)) {}
+        : record(std::move(o.record)), callback(std::move(o.callback)), retries(o.retries), possibly(o.possibly),
+          done(std::exchange(o.done, true)) {}
     envelope& operator=(envelope&&) = delete;
     Record record;
     delivery_callback callback;
-    time_point accepted;
     std::uint32_t retries = 0;
     bool possibly = false;  // some attempt may have been persisted
     bool done = false;
@@ -374,12 +373,13 @@ class dispatch_pipeline {
   [[nodiscard]] dispatch_metrics metrics() const {
     dispatch_metrics m;
     // relaxed: statistics; quiescent readers have joined (or synchronised with) every writer.
-    m.accepted = accepted_.load(std::memory_order_relaxed);
     m.delivered = delivered_.load(std::memory_order_relaxed);
     for (std::size_t i = 0; i < failure_reason_count; ++i) {
       m.failed_by_reason[i] = failed_[i].load(std::memory_order_relaxed);
       m.failed += m.failed_by_reason[i];
     }
+    const auto s = acc_.stats();  // read after the reports: every reported record was appended before
+    m.accepted = s.appended;
     m.pending = m.accepted - m.delivered - m.failed;
     m.retried = retried_.load(std::memory_order_relaxed);
     m.expired = m.failed_by_reason[static_cast<std::size_t>(failure_reason::delivery_timeout)];
@@ -389,7 +389,6 @@ class dispatch_pipeline {
     m.callback_errors = callback_errors_.load(std::memory_order_relaxed);
     m.sink_errors = sink_errors_.load(std::memory_order_relaxed);
     m.unknown_destinations = unknown_.load(std::memory_order_relaxed);
-    const auto s = acc_.stats();
     m.buffer_used = s.buffer_used;
     m.buffer_available = s.buffer_capacity - s.buffer_used;
     m.waiting_appenders = s.waiting_appenders;
@@ -433,28 +432,20 @@ class dispatch_pipeline {
   template <class Append>
   send_status send_impl(Record& record, delivery_callback& cb, Append&& append) {
     const std::size_t bytes = size_of_(record);  // may throw: nothing was taken
-    // relaxed: a statistic; counted before the append so pending never reads negative.
-    accepted_.fetch_add(1, std::memory_order_relaxed);
-    envelope env(std::move(record), std::move(cb), clock_.now());
-    const send_status s = append(std::move(env), bytes);
+    envelope env(std::move(record), std::move(cb));
+    const send_status s = append(std::move(env), bytes);  // counts it as accepted (the accumulator's appended)
     if (s != send_status::ok) {
       record = std::move(env.record);  // back to the caller
       cb = std::move(env.callback);
       env.done = true;
-      accepted_.fetch_sub(1, std::memory_order_relaxed);
     }
     return s;
   }
 
-  // The only place a callback runs: the final state is set once, here.
-  void report(envelope& e, const delivery_report& r) noexcept {
-    if (std::exchange(e.done, true)) return;
-    // relaxed: statistics.
-    if (r) {
-      delivered_.fetch_add(1, std::memory_order_relaxed);
-    } else {
-      failed_[static_cast<std::size_t>(r.reason)].fetch_add(1, std::memory_order_relaxed);
-    }
+  // The only place a callback runs: the final state is set once, here. Returns whether it was set
+  // now (the caller counts reports in bulk).
+  bool report(envelope& e, const delivery_report& r) noexcept {
+    if (std::exchange(e.done, true)) return false;
     try {
       if (e.callback) {
         e.callback(e.record, r);
@@ -462,16 +453,24 @@ class dispatch_pipeline {
         on_delivery_(e.record, r);
       }
     } catch (...) {
-      callback_errors_.fetch_add(1, std::memory_order_relaxed);
+      callback_errors_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
     }
+    return true;
+  }
+
+  void count_failed(failure_reason reason, std::uint64_t n) noexcept {
+    // relaxed: statistics (waiters re-check after idle_ec_ notifications, which are fenced).
+    if (n > 0) failed_[static_cast<std::size_t>(reason)].fetch_add(n, std::memory_order_relaxed);
   }
 
   void fail_batch(handle& b, failure_reason reason, bool settle_failed) noexcept {
     const Partition partition = b.partition();
+    std::uint64_t n = 0;
     for (envelope& e : b.records()) {
-      report(e, delivery_report{reason, e.possibly ? persistence::possibly_persisted : persistence::not_persisted,
-                                e.retries});
+      n += report(e, delivery_report{reason, e.possibly ? persistence::possibly_persisted : persistence::not_persisted,
+                                     e.retries});
     }
+    count_failed(reason, n);
     if (settle_failed) acc_.fail(std::move(b)); else b = handle{};
     if (options_.gapless && reason != failure_reason::shutdown) {
       std::vector<handle> rest;
@@ -479,9 +478,11 @@ class dispatch_pipeline {
         acc_.take_partition(partition, rest);
       } catch (...) {
       }
+      std::uint64_t m = 0;
       for (handle& h : rest) {
-        for (envelope& e : h.records()) report(e, delivery_report{reason, persistence::not_persisted, e.retries});
+        for (envelope& e : h.records()) m += report(e, delivery_report{reason, persistence::not_persisted, e.retries});
       }
+      count_failed(reason, m);
     }
   }
 
@@ -513,13 +514,16 @@ class dispatch_pipeline {
       handle& b = rq.batches_[i];
       const send_result r = *rq.results_[i];
       switch (r) {
-        case send_result::ok:
-          for (envelope& e : b.records()) {
-            queue_time_.record(std::chrono::duration_cast<std::chrono::nanoseconds>(now - e.accepted));
-            report(e, delivery_report{failure_reason::none, persistence::persisted, e.retries});
-          }
+        case send_result::ok: {
+          // Queue time from the batch's first append: an upper bound for its later records, and
+          // one clock read per batch instead of one per record.
+          std::uint64_t n = 0;
+          for (envelope& e : b.records()) n += report(e, delivery_report{failure_reason::none, persistence::persisted, e.retries});
+          queue_time_.record(std::chrono::duration_cast<std::chrono::nanoseconds>(now - b.first_append()), n);
+          delivered_.fetch_add(n, std::memory_order_relaxed);  // relaxed: statistic
           acc_.complete(std::move(b));
           break;
+        }
         case send_result::permanent:
           fail_batch(b, failure_reason::permanent_error, true);
           break;
@@ -666,7 +670,7 @@ class dispatch_pipeline {
     // relaxed: a snapshot; the waiter re-checks after every notification.
     std::uint64_t reported = delivered_.load(std::memory_order_relaxed);
     for (const auto& f : failed_) reported += f.load(std::memory_order_relaxed);
-    return reported >= accepted_.load(std::memory_order_relaxed);
+    return reported >= acc_.stats().appended;
   }
 
   bool flush_impl(const time_point* deadline) {
@@ -694,7 +698,7 @@ class dispatch_pipeline {
   std::mt19937_64 rng_;
   std::mutex mutex_;  // dest_in_flight_
   std::unordered_map<Destination, std::size_t, DestHash, DestEqual> dest_in_flight_;
-  std::atomic<std::uint64_t> accepted_{0}, delivered_{0}, retried_{0}, batches_{0}, requests_{0}, in_flight_{0};
+  std::atomic<std::uint64_t> delivered_{0}, retried_{0}, batches_{0}, requests_{0}, in_flight_{0};
   std::atomic<std::uint64_t> callback_errors_{0}, sink_errors_{0}, unknown_{0};
   std::array<std::atomic<std::uint64_t>, failure_reason_count> failed_{};
   latency_histogram queue_time_;
