@@ -99,8 +99,8 @@ class channel {
                 "sluice::channel<T>: T's move constructor (or, if it has none, its copy constructor) may "
                 "throw, which could lose an item halfway through a send or receive: mark the move "
                 "constructor noexcept, or send a std::unique_ptr<T> instead");
-  static_assert(!std::is_destructible_v<T> || std::is_nothrow_destructible_v<T>,
-                "sluice::channel<T>: T's destructor must not throw");
+  static_assert(std::is_nothrow_destructible_v<T>,
+                "sluice::channel<T>: T's destructor must be accessible and must not throw");
 
   using deadline_type = std::optional<detail::steady_time>;
   // "No deadline" as a constant rather than a std::nullopt temporary: GCC 12 at -O3 otherwise

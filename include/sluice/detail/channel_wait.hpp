@@ -126,34 +126,50 @@ class channel_waiter {
   [[nodiscard]] wait_outcome wait_for_space(const Ring& ring, const std::optional<steady_time>& deadline,
                                             const std::stop_token* stop) noexcept {
     auto ready = [&ring, chunk = space_chunk_] { return ring.has_space_or_closed(chunk); };
-    for (int pause = 1, total = 0; total < producer_spin_pauses; total += pause, pause = std::min(2 * pause, 32)) {
-      for (int i = 0; i < pause; ++i) cpu_relax();
-      if (ready()) return wait_outcome::ready;
-    }
-    for (int i = 0; i < producer_yields; ++i) {
-      std::this_thread::yield();
-      if (ready()) return wait_outcome::ready;
+    {
+      const polling_producer polling(polling_producers_);
+      for (int pause = 1, total = 0; total < producer_spin_pauses; total += pause, pause = std::min(2 * pause, 32)) {
+        for (int i = 0; i < pause; ++i) cpu_relax();
+        if (ready()) return wait_outcome::ready;
+      }
+      for (int i = 0; i < producer_yields; ++i) {
+        std::this_thread::yield();
+        if (ready()) return wait_outcome::ready;
+      }
     }
     return block_until(not_full_, ready, deadline, stop, 0);
   }
 
   // ---- the consumer ----------------------------------------------------------------------
 
-  /// After freeing n slots: wakes one parked producer per quarter of the capacity freed.
+  /// After freeing n slots: wakes one parked producer per quarter of the capacity freed, unless a
+  /// producer is polling for space right now (it will take the space without a system call, and
+  /// the consumer's futex call would only slow the bottleneck down). A quarter wake-up is skipped
+  /// that way at most three times in a row, so a parked producer waits at most one lap of the
+  /// ring longer than with a wake-up every quarter.
   void freed(std::size_t n) noexcept {
     freed_since_wake_ += n;
-    if (freed_since_wake_ >= wake_batch_) {
-      freed_since_wake_ = 0;
-      not_full_.notify_one();
+    if (freed_since_wake_ < next_wake_) return;
+    // relaxed: a hint; a stale value only moves a wake-up by a quarter, never loses one (parked
+    // producers re-check after registering, and flush_wakes() wakes them all).
+    if (polling_producers_.load(std::memory_order_relaxed) != 0 && ++skipped_wakes_ < 4) {
+      next_wake_ += wake_batch_;
+      return;
     }
+    freed_since_wake_ = 0;
+    next_wake_ = wake_batch_;
+    skipped_wakes_ = 0;
+    not_full_.notify_one();
   }
 
-  /// About to wait or to return empty-handed: wakes every producer waiting for what was freed.
+  /// About to park or to return empty-handed: wakes every parked producer. Unconditionally (no
+  /// system call when none is parked): a producer woken by an earlier notify_one() may have left
+  /// with a timeout or a stop instead of sending, and nobody else would wake the rest.
   void flush_wakes() noexcept {
-    if (freed_since_wake_ != 0) {
-      freed_since_wake_ = 0;
-      not_full_.notify_all();
-    }
+    freed_since_wake_ = 0;
+    next_wake_ = wake_batch_;
+    skipped_wakes_ = 0;
+    not_full_.notify_all();
   }
 
   /// Waits until an item is readable or the ring is drained (or the deadline / stop token).
@@ -236,6 +252,20 @@ class channel_waiter {
     return block_until(not_empty_, ready, deadline, stop, 0);
   }
 
+  // Counts a producer in its spin/yield phase for the scope's lifetime.
+  class polling_producer {
+   public:
+    explicit polling_producer(std::atomic<int>& n) noexcept : n_(n) {
+      n_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a hint for freed(), see there
+    }
+    ~polling_producer() { n_.fetch_sub(1, std::memory_order_relaxed); }  // relaxed: as above
+    polling_producer(const polling_producer&) = delete;
+    polling_producer& operator=(const polling_producer&) = delete;
+
+   private:
+    std::atomic<int>& n_;
+  };
+
   // Yields; returns true once yields that let another thread run on this core (they took over
   // shared_core_yield) have come max_shared_core_yields times in a row.
   bool timed_yield() noexcept {
@@ -263,8 +293,12 @@ class channel_waiter {
   const std::size_t space_chunk_;  // free slots a waiting producer waits for: capacity / 8
   // Consumer-private (one consumer at a time): not atomic, never touched by producers.
   alignas(cache_line) std::size_t freed_since_wake_ = 0;
+  std::size_t next_wake_ = wake_batch_;  // freed_since_wake_ at which the next wake-up is due
   int consumer_spins_ = 512;
   int shared_core_yields_ = 0;  // consecutive yields during which another thread ran on this core
+  int skipped_wakes_ = 0;       // quarter wake-ups skipped in a row because a producer was polling
+  // Producers between "full" and parking: written only on that slow path; read once per quarter.
+  alignas(cache_line) std::atomic<int> polling_producers_{0};
   // Each event count on its own line: producers park on not_full_, the consumer on not_empty_.
   alignas(cache_line) event_count not_full_;
   alignas(cache_line) event_count not_empty_;
