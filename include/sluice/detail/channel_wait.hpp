@@ -13,19 +13,22 @@
 // consumer wakes one parked producer per quarter of the capacity it frees, and all of them when it
 // runs dry (about to park or to return empty-handed): a futex hop per freed slot would cost
 // several-fold on a small machine. Until then the buffer stays at least 3/4 full, so the consumer
-// never starves for it.
+// never starves for it. While some producer is polling (it will take the space without a system
+// call), the consumer skips its quarter wake-up, at most three times in a row: a parked producer
+// is bypassed for at most one lap of the ring.
 //
 // The consumer spins adaptively on the head slot's stamp (the line the next item's producer writes
-// anyway): the spin doubles while spinning pays and halves while it does not, between about one
-// futex wake-up's cost and twice that. Every 16 pauses it yields, timing the yield: a yield that
+// anyway): the spin doubles while spinning pays and halves while it does not, between 256 and 2048
+// pauses. Every 16 pauses it yields, timing the yield: a yield that
 // took long means another thread ran on this core, and after a few such yields in a row the
 // consumer stops yielding and parks, so that the producer's wake-up lets the scheduler move it to
 // an idle core (otherwise both sides stay cache-hot on one core, handing off by sched_yield while
 // the other core idles). Producers wake a parked consumer once per sleep, not once per item: the
 // first producer whose claim finds it registered (consumer_woken_) does it, after publishing.
 //
-// Numbers here are ratios of the capacity or multiples of a pause; none is measured on, or chosen
-// for, one machine. The reasoning behind them is in the README's design notes.
+// The numbers are ratios of the capacity, pause and yield counts, and one time (a yield over 2 us
+// means another thread ran); what each is for, and what was measured, is in the README's design
+// notes.
 #pragma once
 
 #include <algorithm>
