@@ -93,7 +93,7 @@ struct flaky_clock {
   using rep = manual_clock::rep;
   using period = manual_clock::period;
   using time_point = manual_clock::time_point;
-  static constexpr bool is_steady = true;
+
   manual_clock inner;
   std::shared_ptr<std::atomic<bool>> broken = std::make_shared<std::atomic<bool>>(false);
   time_point now() const {
@@ -804,9 +804,10 @@ TEST_CASE("reconcile_pipeline: 1M distinct keys leave every internal table empty
   const auto s = p.internal_sizes();
   CHECK(s.keys == 0);
   CHECK(s.index_entries == 0);
-  CHECK(s.index_buckets == 0);
+  CHECK(s.index_buckets <= 2 * 2 * o.capacity);  // memory back to the retained floor (capacity keys)
+  CHECK(s.slab_capacity <= o.capacity + 256);
   CHECK(s.heap_entries == 0);
-  CHECK(s.heap_capacity == 0);
+  CHECK(s.heap_capacity <= o.capacity);
   CHECK(s.queued == 0);
   CHECK(s.waiting == 0);
   auto m = p.metrics();

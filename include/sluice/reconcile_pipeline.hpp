@@ -66,6 +66,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <concepts>
@@ -218,7 +219,7 @@ struct reconcile_context {
   std::uint32_t attempt;    ///< 1 + consecutive failures of this key so far
   reconcile_reason reason;  ///< why this run happens
   int priority;
-  std::stop_token stop;     ///< requested by stop(), cancel(key) and reconcile_timeout
+  const std::stop_token& stop;  ///< requested by stop(), cancel(key) and reconcile_timeout
 };
 
 /// Per-submission options. The dedup rule (file comment) merges these with a pending version's.
@@ -355,6 +356,9 @@ class reconcile_pipeline {
         rng_(opts_.jitter_seed != 0 ? opts_.jitter_seed : std::random_device{}()) {
     validate();
     space_threshold_ = opts_.capacity - std::max<std::size_t>(1, opts_.capacity / 4);
+    slab_.set_retained(opts_.capacity);
+    index_.set_retained(opts_.capacity);
+    heap_.set_retained(opts_.capacity);
     levels_.resize(static_cast<std::size_t>(opts_.priority_levels));
     workers_.resize(opts_.max_parallel);
     try {
@@ -528,12 +532,12 @@ class reconcile_pipeline {
 
   /// Sizes of the internal tables (for tests of the "returns to empty" guarantee).
   struct table_sizes {
-    std::size_t keys, index_entries, index_buckets, heap_entries, heap_capacity, queued, waiting;
+    std::size_t keys, slab_capacity, index_entries, index_buckets, heap_entries, heap_capacity, queued, waiting;
   };
   [[nodiscard]] table_sizes internal_sizes() const {
     std::lock_guard lk(mu_);
-    return table_sizes{slab_.live(), index_.size(), index_.bucket_count(), heap_.size(), heap_.capacity(),
-                       queued_, waiting_};
+    return table_sizes{slab_.live(), slab_.capacity(), index_.size(), index_.bucket_count(), heap_.size(),
+                       heap_.capacity(), queued_, waiting_};
   }
 
   [[nodiscard]] std::size_t max_parallel() const noexcept { return opts_.max_parallel; }
@@ -575,6 +579,7 @@ class reconcile_pipeline {
     std::uint32_t node = detail::no_node;
     time_point started{};
     std::stop_source stop;
+    std::stop_token token = stop.get_token();  // handed to each run by reference: no refcount traffic
     bool stop_used = false;
     bool timed_out = false;
     reconcile_reason reason = reconcile_reason::updated;
@@ -718,10 +723,11 @@ class reconcile_pipeline {
     const std::uint32_t h = detail::mix_hash(hash_(key));
     const auto prio = static_cast<std::uint8_t>(so.priority);
     std::optional<std::stop_callback<waker>> on_stop;
+    time_point now = clock_.now();
     std::unique_lock lk(mu_);
-    for (;;) {
+    for (bool first = true;; first = false) {
       if (closed_) return submit_status::closed;
-      const time_point now = clock_.now();
+      if (!first) now = clock_.now();  // woke up after waiting: time has moved
       std::uint32_t id = find_locked(h, key);
       bool wake_worker = false;
       bool wake_timer = false;
@@ -834,6 +840,8 @@ class reconcile_pipeline {
   }
 
   void note_queued_locked(bool& wake_worker) noexcept {
+    // relaxed: a hint for spinning workers, who re-check under the lock before acting on it.
+    if (spinning_ > 0) work_hint_.store(1, std::memory_order_relaxed);
     if (sleeping_ > wakes_pending_) {
       ++wakes_pending_;
       wake_worker = true;
@@ -846,7 +854,7 @@ class reconcile_pipeline {
   };
 
   // Parks a submitter until something changes; returns ok to re-check, or timeout / cancelled.
-  submit_status block_locked(std::unique_lock<std::mutex>& lk, const std::optional<time_point>& deadline,
+  submit_status block_locked(std::unique_lock<detail::spin_mutex>& lk, const std::optional<time_point>& deadline,
                              const std::stop_token* stop, std::optional<std::stop_callback<waker>>& on_stop,
                              std::size_t& counter) {
     if (deadline && clock_.now() >= *deadline) return submit_status::timeout;
@@ -870,7 +878,7 @@ class reconcile_pipeline {
   }
 
   // Parks on `ec` (registered in `counter`) until notified or `deadline`. Caller loops.
-  void park_locked(std::unique_lock<std::mutex>& lk, detail::event_count& ec, std::size_t& counter,
+  void park_locked(std::unique_lock<detail::spin_mutex>& lk, detail::event_count& ec, std::size_t& counter,
                    const std::optional<time_point>& deadline) {
     const auto key = ec.prepare_wait();
     ++counter;
@@ -962,6 +970,7 @@ class reconcile_pipeline {
         if (!machinery) machinery = std::current_exception();
       }
     };
+    bool spun = false;
     std::unique_lock lk(mu_);
     read_now();
     for (;;) {
@@ -969,14 +978,22 @@ class reconcile_pipeline {
       if (stopping_ || fault_) break;
       const std::uint32_t id = next_locked(now);
       if (id == detail::no_node) {
-        park_worker_locked(lk);
+        if (!spun) {
+          spin_for_work(lk);  // the next submission is often microseconds away: no futex round trip
+          spun = true;
+        } else {
+          park_worker_locked(lk);
+          spun = false;
+        }
         read_now();
         continue;
       }
+      spun = false;
       node& n = slab_[id];
       if (ws.stop_used) {
         try {
           ws.stop = std::stop_source();
+          ws.token = ws.stop.get_token();
           ws.stop_used = false;
         } catch (...) {  // could not allocate a fresh stop state: fault, and put the key back
           push_queued_locked(id, n);
@@ -996,7 +1013,7 @@ class reconcile_pipeline {
       m_.queue_latency.record(since(n.ready_at, now));
       local.emplace(std::move(*n.entity));
       n.entity.reset();
-      const context ctx{*n.key, n.failures + 1, n.reason, static_cast<int>(n.priority), ws.stop.get_token()};
+      const context ctx{*n.key, n.failures + 1, n.reason, static_cast<int>(n.priority), ws.token};
       bool wake_more = false;
       if (queued_ > 0) note_queued_locked(wake_more);
       // Submitters blocked on a full intake are woken in bunches: once a quarter has drained.
@@ -1156,7 +1173,22 @@ class reconcile_pipeline {
     if (n.pend == pend_none) free_node_locked(id, n);
   }
 
-  void park_worker_locked(std::unique_lock<std::mutex>& lk) {
+  // Spins (unlocked) for about a microsecond or two until a submission sets the work hint; bounded,
+  // so an idle pipeline still parks right after.
+  void spin_for_work(std::unique_lock<detail::spin_mutex>& lk) {
+    ++spinning_;
+    lk.unlock();
+    for (int i = 0; i < 256; ++i) {
+      // relaxed: only a hint (see note_queued_locked); the caller re-checks under the lock.
+      if (work_hint_.load(std::memory_order_relaxed) != 0) break;
+      detail::cpu_relax();
+      if ((i & 63) == 63) std::this_thread::yield();
+    }
+    lk.lock();
+    if (--spinning_ == 0) work_hint_.store(0, std::memory_order_relaxed);  // relaxed: as above
+  }
+
+  void park_worker_locked(std::unique_lock<detail::spin_mutex>& lk) {
     const bool notify_idle = idle_waiters_ > 0;
     const auto key = work_ec_.prepare_wait();
     ++sleeping_;
@@ -1231,7 +1263,7 @@ class reconcile_pipeline {
   }
 
   // With no reconcile running: takes every pending version out and reports it, once.
-  void finalize_locked(std::unique_lock<std::mutex>& lk) {
+  void finalize_locked(std::unique_lock<detail::spin_mutex>& lk) {
     if (finalizing_) return;
     finalizing_ = true;
     std::vector<unprocessed<key_type, Entity>> out;
@@ -1283,7 +1315,7 @@ class reconcile_pipeline {
   KeyEqual eq_;
   reconcile_fn fn_;
 
-  mutable std::mutex mu_;
+  mutable detail::spin_mutex mu_;
   std::mt19937_64 rng_;
   detail::node_slab<node> slab_;
   detail::slot_index index_;
@@ -1305,6 +1337,8 @@ class reconcile_pipeline {
   // Parking bookkeeping (under mu_): who is parked where, so wakers make a system call only
   // when someone sleeps.
   std::size_t sleeping_ = 0;       // workers parked on work_ec_
+  std::size_t spinning_ = 0;       // workers in spin_for_work()
+  std::atomic<std::uint32_t> work_hint_{0};  // set when work is queued while someone spins
   std::size_t wakes_pending_ = 0;  // notify_one()s not yet absorbed by a waking worker
   time_point parked_max_ = time_point::min();  // >= every parked worker's deadline
   std::size_t submit_waiters_ = 0;  // submitters waiting for capacity

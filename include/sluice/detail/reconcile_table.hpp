@@ -2,26 +2,70 @@
 //
 //   node_slab<Node>   per-key state nodes in chunks of 256 (addresses never move, so a running
 //                     reconcile can hold a reference to its node's key), recycled through a free
-//                     list; every chunk but the first is released when the last node is freed.
+//                     list; when the last node is freed, chunks beyond a retained floor are released.
 //   slot_index        open addressing (linear probing, backward-shift deletion, no tombstones) from a
-//                     32-bit mixed hash to a node id; load <= 1/2, shrinks at 1/8, freed at empty.
+//                     32-bit mixed hash to a node id; load <= 1/2, shrinks at 1/8 and is freed at
+//                     empty, but never below a retained floor.
+//   The floor is the pipeline's intake capacity: an idle pipeline keeps the memory for `capacity`
+//   keys (which its bound allows anyway) instead of paying page faults on every burst.
 //   deadline_heap     binary min-heap of {deadline, seq, id}; the node keeps its heap position, so
 //                     erase/update are O(log n); equal deadlines pop in scheduling order.
+//   spin_mutex        the pipeline's one lock: spins briefly, yields, then parks (futex via
+//                     std::atomic::wait). Its critical sections are a few dozen nanoseconds, and
+//                     std::mutex parks at the first contention: with three threads on two cores that
+//                     made every other hand-off a context switch.
 //
 // None of them locks; reconcile_pipeline guards all three with its one mutex. Only the calls
 // documented "may allocate" allocate; the owner calls them on submitting threads, so a worker's
 // state transitions never allocate (the heap reserves room for every live node up front).
 #pragma once
 
+#include <atomic>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <memory>
 #include <stdexcept>
+#include <thread>
 #include <utility>
 #include <vector>
 
+#include "event_count.hpp"
+
 namespace sluice::detail {
+
+class spin_mutex {
+ public:
+  void lock() noexcept {
+    std::uint32_t expected = 0;
+    // acquire: pairs with the release in unlock(); the critical section happens after it.
+    if (state_.compare_exchange_strong(expected, 1, std::memory_order_acquire, std::memory_order_relaxed)) return;
+    for (int i = 0; i < 256; ++i) {
+      cpu_relax();
+      if (try_lock()) return;
+    }
+    for (int i = 0; i < 4; ++i) {  // the holder may be preempted on this very core: let it run
+      std::this_thread::yield();
+      if (try_lock()) return;
+    }
+    // 2 = locked with (possible) sleepers; acquire as above.
+    while (state_.exchange(2, std::memory_order_acquire) != 0) state_.wait(2, std::memory_order_relaxed);
+  }
+  bool try_lock() noexcept {
+    std::uint32_t expected = 0;
+    // relaxed pre-check keeps a spinning reader from stealing the line; acquire as in lock().
+    return state_.load(std::memory_order_relaxed) == 0 &&
+           state_.compare_exchange_strong(expected, 1, std::memory_order_acquire, std::memory_order_relaxed);
+  }
+  void unlock() noexcept {
+    // release: publishes the critical section to the next acquirer.
+    if (state_.exchange(0, std::memory_order_release) == 2) state_.notify_one();
+  }
+
+ private:
+  std::atomic<std::uint32_t> state_{0};
+};
 
 inline constexpr std::uint32_t no_node = std::numeric_limits<std::uint32_t>::max();
 
@@ -67,17 +111,22 @@ class node_slab {
   void release(std::uint32_t id) noexcept {
     (*this)[id].next = free_;
     free_ = id;
-    if (--live_ == 0 && chunks_.size() > 1) {
-      chunks_.resize(1);
-      for (std::uint32_t i = 0; i < chunk_size; ++i) chunks_[0][i].next = i + 1 < chunk_size ? i + 1 : no_node;
-      free_ = 0;
+    if (--live_ == 0 && chunks_.size() > retain_chunks_) {
+      chunks_.resize(retain_chunks_);
+      const auto n = static_cast<std::uint32_t>(chunks_.size() * chunk_size);
+      for (std::uint32_t i = 0; i < n; ++i) (*this)[i].next = i + 1 < n ? i + 1 : no_node;
+      free_ = n == 0 ? no_node : 0;
     }
   }
+
+  /// How many nodes' worth of chunks to keep when the slab empties (rounded up to chunks).
+  void set_retained(std::size_t nodes) noexcept { retain_chunks_ = (nodes + chunk_size - 1) / chunk_size; }
 
  private:
   std::vector<std::unique_ptr<Node[]>> chunks_;
   std::uint32_t free_ = no_node;
   std::size_t live_ = 0;
+  std::size_t retain_chunks_ = 1;
 };
 
 class slot_index {
@@ -127,6 +176,7 @@ class slot_index {
     }
     buckets_[i].id = no_node;
     --size_;
+    if (buckets_.size() <= retain_) return;
     if (size_ == 0) {
       std::vector<bucket>().swap(buckets_);
       mask_ = 0;
@@ -160,6 +210,11 @@ class slot_index {
   std::vector<bucket> buckets_;
   std::size_t mask_ = 0;
   std::size_t size_ = 0;
+  std::size_t retain_ = 0;  // bucket arrays up to this size are kept when the index shrinks
+
+ public:
+  /// Keep the bucket array while it holds at most this many entries at load 1/2.
+  void set_retained(std::size_t entries) noexcept { retain_ = std::bit_ceil(entries * 2); }
 };
 
 /// Min-heap of deadlines; `pos(id)` is the node's stored heap position (no_node when absent).
@@ -181,10 +236,11 @@ class deadline_heap {
   void reserve(std::size_t n) {
     if (heap_.capacity() < n) heap_.reserve(n < 2 * heap_.capacity() ? 2 * heap_.capacity() : n);
   }
-  /// Gives the memory back (only when empty).
+  /// Gives the memory back (only when empty, and only above the retained size).
   void release() noexcept {
-    if (heap_.empty()) std::vector<entry>().swap(heap_);
+    if (heap_.empty() && heap_.capacity() > retain_) std::vector<entry>().swap(heap_);
   }
+  void set_retained(std::size_t n) noexcept { retain_ = n; }
 
   template <class Pos>
   void push(TimePoint deadline, std::uint32_t id, Pos&& pos) noexcept {
@@ -253,6 +309,7 @@ class deadline_heap {
 
   std::vector<entry> heap_;
   std::uint64_t seq_ = 0;
+  std::size_t retain_ = 0;
 };
 
 }  // namespace sluice::detail
