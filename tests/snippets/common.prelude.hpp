@@ -4,6 +4,7 @@
 #include <cassert>
 #include <chrono>
 #include <cstddef>
+#include <cstdio>
 #include <exception>
 #include <iostream>
 #include <optional>
