@@ -232,11 +232,12 @@ TEST_CASE("dispatch_pipeline: gapless fails the rest of a partition after a fail
   for (int i = 0; i < 30; ++i) CHECK(f.rep.of(i)->reason == failure_reason::permanent_error);
 }
 
-TEST_CASE("dispatch_pipeline: delivery timeout expires queued, backed-off and unsealed batches") {
+TEST_CASE("dispatch_pipeline: delivery timeout expires queued and backed-off batches, never in-flight ones") {
   auto o = opts();
   o.accumulator.linger = 1s;
   o.accumulator.delivery_timeout = 3s;
   o.request_timeout = 1s;
+  o.max_in_flight_per_destination = 1;
   o.retry_backoff = {10s, 10s, 1.0, sluice::jitter_mode::none, std::nullopt};
   fixture f(o);
   f.sink.decide = [&](request& r) -> std::optional<send_result> {
@@ -246,25 +247,30 @@ TEST_CASE("dispatch_pipeline: delivery timeout expires queued, backed-off and un
   };
   for (int i = 0; i < 10; ++i) REQUIRE(f.pipe.send(1, int{i}) == pipe_t::send_status::ok);
   for (int i = 10; i < 20; ++i) REQUIRE(f.pipe.send(2, int{i}) == pipe_t::send_status::ok);
+  REQUIRE(f.run_until([&] { return f.sink.held_count() == 1 && f.pipe.metrics().retried == 10; }));
+  // Destination 2 is at its in-flight limit: partition 5's batch waits, queued in its ready list.
+  for (int i = 30; i < 40; ++i) REQUIRE(f.pipe.send(5, int{i}) == pipe_t::send_status::ok);
   // (An unsealed batch cannot expire here: delivery_timeout >= linger + request_timeout is enforced.
   // The accumulator's own test covers open batches.) Record 100 lingers 1 s and is delivered.
   REQUIRE(f.pipe.send(3, 100) == pipe_t::send_status::ok);
-  REQUIRE(f.run_until([&] { return f.sink.held_count() == 1 && f.pipe.metrics().retried == 10; }));
   REQUIRE(f.run_until([&] { return f.rep.count() == 1; }, 100ms));  // record 100, after its 1 s linger
-  f.clock.advance(3s);
-  REQUIRE(f.run_until([&] { return f.rep.count() == 11; }));
-  CHECK(f.rep.of(0)->reason == failure_reason::delivery_timeout);
-  CHECK(f.rep.of(0)->persisted == persistence::not_persisted);
   REQUIRE(f.rep.of(100).has_value());
   CHECK(bool(*f.rep.of(100)));
+  f.clock.advance(3s);
+  REQUIRE(f.run_until([&] { return f.rep.count() == 21; }));
+  CHECK(f.rep.of(0)->reason == failure_reason::delivery_timeout);   // was in backoff
+  CHECK(f.rep.of(0)->persisted == persistence::not_persisted);
+  CHECK(f.rep.of(35)->reason == failure_reason::delivery_timeout);  // was queued
+  CHECK(f.rep.of(35)->retries == 0);
   // The in-flight one is never expired while in flight; its answer times out: possibly persisted.
   CHECK_FALSE(f.rep.of(10).has_value());
   f.sink.complete_all(send_result::timed_out);
-  REQUIRE(f.run_until([&] { return f.rep.count() == 21; }));
+  REQUIRE(f.run_until([&] { return f.rep.count() == 31; }));
   CHECK(f.rep.of(10)->reason == failure_reason::delivery_timeout);
   CHECK(f.rep.of(10)->persisted == persistence::possibly_persisted);
-  CHECK(f.rep.exactly_once(21));
-  CHECK(f.pipe.metrics().expired == 20);
+  CHECK(f.rep.exactly_once(31));
+  CHECK(f.pipe.metrics().expired == 30);
+  CHECK(f.pipe.audit().clean());
 }
 
 TEST_CASE("dispatch_pipeline: a record larger than a batch goes out without waiting the linger") {
