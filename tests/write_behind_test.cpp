@@ -29,6 +29,24 @@ using sluice::testing::manual_clock;
 
 namespace {
 
+// Waits (real time, bounded) until the flusher has taken everything from the intake: it stamps
+// values when it takes them, so a test that moves the clock must let it take them first.
+// (A lingering flusher leaves further values in the intake until they fill a batch: they count
+// from when it takes them, which is no later than the batch's oldest value is due.)
+template <class WB>
+bool taken(WB& wb) {
+  const auto limit = std::chrono::steady_clock::now() + 30s;
+  while (wb.metrics().in_intake != 0 && std::chrono::steady_clock::now() < limit) std::this_thread::yield();
+  return wb.metrics().in_intake == 0;
+}
+// Waits (real time, bounded) until the flusher holds `n` values waiting for a batch.
+template <class WB>
+bool pending_is(WB& wb, std::size_t n) {
+  const auto limit = std::chrono::steady_clock::now() + 30s;
+  while (wb.metrics().pending != n && std::chrono::steady_clock::now() < limit) std::this_thread::yield();
+  return wb.metrics().pending == n;
+}
+
 struct kv {
   int key = 0;
   int version = 0;
@@ -116,6 +134,7 @@ TEST_CASE("write_behind: a batch goes to the sink as soon as it is full, without
   CHECK(rec.calls[1] == std::vector<int>{4, 5, 6, 7});
   // Two values do not make a batch; with the clock standing still they wait.
   REQUIRE(wb.enqueue(8) == write_behind_status::ok);
+  REQUIRE(pending_is(wb, 1));
   REQUIRE(wb.enqueue(9) == write_behind_status::ok);
   clock.advance(59min);
   clock.wait_for_waiters(1);
@@ -128,12 +147,13 @@ TEST_CASE("write_behind: a batch goes to the sink as soon as it is full, without
   CHECK(wb.metrics().batches == 3);
 }
 
-TEST_CASE("write_behind: linger is measured from the oldest value's enqueue on the clock") {
+TEST_CASE("write_behind: linger is measured on the clock from when the flusher took the oldest value") {
   manual_clock clock;
   recorder<int> rec;
   sluice::write_behind<int, void, manual_clock> wb({.capacity = 128, .max_batch = 100, .linger = 10ms}, sink_of(rec),
                                                   clock);
   REQUIRE(wb.enqueue(1) == write_behind_status::ok);
+  REQUIRE(taken(wb));
   clock.advance(4ms);
   REQUIRE(wb.enqueue(2) == write_behind_status::ok);
   clock.advance(5ms);
@@ -299,13 +319,16 @@ TEST_CASE("write_behind: a retry waiting its backoff is superseded by a newer va
       {.capacity = 64, .max_batch = 16, .linger = 1ms, .retry = {.base = 1s, .max = 1s, .jitter = sluice::jitter_mode::none}},
       sink_of(rec), clock);
   REQUIRE(wb.enqueue(kv{1, 1}) == write_behind_status::ok);
+  REQUIRE(pending_is(wb, 1));
   REQUIRE(wb.enqueue(kv{2, 1}) == write_behind_status::ok);
   clock.advance(1ms);
   REQUIRE(rec.wait([&] { return rec.total == 2 && rec.in_sink == 0; }));
   clock.wait_for_waiters(1);
   CHECK(wb.metrics().in_retry == 2);
   REQUIRE(wb.enqueue(kv{1, 2}) == write_behind_status::ok);  // supersedes (1,1), which waits to be retried
-  clock.wait_for_waiters(1);
+  REQUIRE(pending_is(wb, 1));
+  CHECK(wb.metrics().in_retry == 1);
+  CHECK(wb.metrics().coalesced == 1);
   clock.advance(1ms);  // (1,2) has lingered
   REQUIRE(rec.wait([&] { return rec.total == 3; }));
   clock.wait_for_waiters(1);

@@ -434,7 +434,9 @@ class write_behind {
   // ---- intake ----
   write_behind_status put(T& value, const std::optional<time_point>& deadline, const std::stop_token* stop,
                           bool may_block) noexcept {
-    slot s{std::move(value), clock_.now(), 0, 0};
+    // No clock read here: on these VMs a steady_clock::now() costs as much as the whole send.
+    // The flusher stamps values as it takes them from the intake (see take_from_intake_locked()).
+    slot s{std::move(value), time_point{}, 0, 0};
     channel_status st = intake_.try_send(std::move(s));
     if (st == channel_status::full && may_block) {
       auto ready = [&] {
@@ -468,7 +470,12 @@ class write_behind {
     if (!work_ec_.has_waiters_after_seq_cst_write()) return;
     // seq_cst: the threshold is stored before the flusher's seq_cst prepare_wait(), which our
     // seq_cst waiter-count read observed, so this load sees that threshold or a later one.
-    if (intake_.size() >= wake_threshold_.load(std::memory_order_seq_cst)) work_ec_.notify_one();
+    if (intake_.size() < wake_threshold_.load(std::memory_order_seq_cst)) return;
+    // Only the first producer to get here wakes: until the flusher runs again its registration
+    // stays visible, and without the flag every send in that window would make a system call.
+    // seq_cst: the flusher clears the flag between registering and re-checking (park_locked()).
+    if (wake_sent_.load(std::memory_order_seq_cst) || wake_sent_.exchange(true, std::memory_order_seq_cst)) return;
+    work_ec_.notify_one();
   }
 
   // ---- flusher ----
@@ -478,15 +485,21 @@ class write_behind {
       time_point now = clock_.now();
       if (stopping_ && now >= drain_deadline_) expire_locked(b);
       promote_due_retries_locked(now);
-      take_from_intake_locked(b);
+      take_from_intake_locked(b, now);
       if (!b.failures.empty()) {
         report_failures(lock, b);
         continue;
       }
       if (batch_due_locked(now)) {
         take_batch_locked(b);
-        if (options_.flushers > 1 && (batch_due_locked(now) || intake_.size() >= options_.max_batch)) {
-          work_ec_.notify_one();  // more than one batch's worth: let another flusher take it
+        if (options_.flushers > 1) {
+          if (batch_due_locked(now) || intake_.size() >= options_.max_batch) {
+            work_ec_.notify_one();  // more than one batch's worth: let another flusher take it
+          }
+          // This flusher is no longer the one producers woke: the next value that completes what
+          // the parked ones wait for must wake one of them.
+          wake_threshold_.store(threshold_locked(), std::memory_order_seq_cst);  // seq_cst: see wake_flusher()
+          wake_sent_.store(false, std::memory_order_seq_cst);
         }
         lock.unlock();
         run_sink(b);
@@ -560,7 +573,12 @@ class write_behind {
   }
 
   // Moves values from the intake into the flushers' hands, while they hold fewer than capacity.
-  void take_from_intake_locked(batch_buffer& b) {
+  //
+  // Values are stamped here, with one clock read per take: the time a value starts to count toward
+  // linger and oldest_pending_age. A flusher that is idle or lingering is woken by the first value
+  // (and by a full batch), so the stamp is the enqueue time plus a wake-up; while every flusher is
+  // in the sink, values wait in the intake unstamped and a full batch goes as soon as one returns.
+  void take_from_intake_locked(batch_buffer& b, time_point now) {
     const std::size_t held = held_locked();
     const bool unlimited = stopping_ && drain_expired_;
     if (!unlimited && held >= options_.capacity) return;
@@ -570,6 +588,7 @@ class write_behind {
     if constexpr (keyed) {
       got = intake_.try_receive_batch(scratch_, room);
       for (slot& s : scratch_) {
+        s.enqueued = now;
         s.gen = gen_for_index(taken_++, cursor);
         ++gen_record(s.gen).outstanding;
         absorb_locked(std::move(s), b);
@@ -578,6 +597,7 @@ class write_behind {
     } else {
       got = intake_.try_receive_batch(staged_, room);
       for (std::size_t i = staged_.size() - got; i < staged_.size(); ++i) {
+        staged_[i].enqueued = now;
         staged_[i].gen = gen_for_index(taken_++, cursor);
         ++gen_record(staged_[i].gen).outstanding;
       }
@@ -930,6 +950,16 @@ class write_behind {
     retire_generations_locked();
   }
 
+  // How many values in the intake make it worth waking a parked flusher.
+  [[nodiscard]] std::size_t threshold_locked() const noexcept {
+    const std::size_t ready = ready_count_locked();
+    if (held_locked() >= options_.capacity && !(stopping_ && drain_expired_)) {
+      return std::numeric_limits<std::size_t>::max();  // no room: intake values cannot help
+    }
+    if (ready == 0 || force_locked()) return 1;
+    return ready >= options_.max_batch ? 1 : options_.max_batch - ready;  // what fills the batch
+  }
+
   // Parks the flusher until there is something to do: intake values it waits for (producers wake
   // it), a deadline (linger, retry, drain), or a state change by another thread (flush, stop, another
   // flusher finishing a batch).
@@ -944,18 +974,14 @@ class write_behind {
     }
     if (!heap_.empty()) consider(heap_.top_deadline());
     if (stopping_ && !drain_expired_) consider(drain_deadline_);
-    std::size_t threshold;
-    if (held_locked() >= options_.capacity && !(stopping_ && drain_expired_)) {
-      threshold = std::numeric_limits<std::size_t>::max();  // no room: intake values cannot help
-    } else if (ready == 0 || force_locked()) {
-      threshold = 1;
-    } else {
-      threshold = ready >= options_.max_batch ? 1 : options_.max_batch - ready;
-    }
+    const std::size_t threshold = threshold_locked();
     // seq_cst: read by producers after they observe our registration (see wake_flusher()).
     wake_threshold_.store(threshold, std::memory_order_seq_cst);
     const auto key = work_ec_.prepare_wait();
-    // seq_cst fence: our registration before the intake re-check; pairs with wake_flusher()'s fence.
+    // seq_cst: the next producer that sees us registered and the threshold reached wakes us.
+    wake_sent_.store(false, std::memory_order_seq_cst);
+    // seq_cst fence: our registration and the flag's clear before the intake re-check; pairs with
+    // wake_flusher()'s fence (either it sees us registered with the flag clear, or we see its value).
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (intake_.size() >= threshold) {
       work_ec_.cancel_wait();
@@ -1032,6 +1058,7 @@ class write_behind {
   time_point drain_deadline_ = time_point::max();
 
   alignas(detail::cache_line) std::atomic<std::size_t> wake_threshold_{1};
+  std::atomic<bool> wake_sent_{false};  // a producer has woken a parked flusher (see wake_flusher())
   alignas(detail::cache_line) detail::event_count work_ec_;   // flushers park here
   alignas(detail::cache_line) detail::event_count space_ec_;  // producers wait for room here
   alignas(detail::cache_line) detail::event_count done_ec_;   // flush() waits here
