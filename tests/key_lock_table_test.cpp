@@ -292,11 +292,14 @@ TEST_CASE("key_lock_table: no two holders of one key under seeded mixed use") {
       std::atomic<bool> violated{false};
       std::atomic<std::size_t> acquired{0};
       const std::size_t rounds = sluice_test::scaled(3000);
+      // Made here rather than in each thread: GCC 12 misreports a std::stop_source constructed
+      // inside the lambda as "may be used uninitialized" at -O2 with sanitizers.
+      std::vector<std::stop_source> nevers(threads);
       std::vector<std::jthread> pool;
       for (std::size_t th = 0; th < threads; ++th) {
         pool.emplace_back([&, th] {
           std::mt19937_64 rng(seed + th * 7919);
-          std::stop_source never;
+          std::stop_source& never = nevers[th];
           for (std::size_t r = 0; r < rounds; ++r) {
             const int key = static_cast<int>(rng() % static_cast<std::uint64_t>(key_count));
             std::optional<key_lock_table<int>::guard> g;

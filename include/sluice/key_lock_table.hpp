@@ -229,6 +229,13 @@ class key_lock_table {
       return guard(this, e);
     }
     if (!may_wait) return std::nullopt;
+    return wait_for(s, e, lock, deadline, stop);
+  }
+
+  // Slow path of acquire(): queue on `e` (locked shard `s`) and wait for our turn. Kept out of
+  // acquire() so the uncontended path stays small enough to inline.
+  std::optional<guard> wait_for(shard_type& s, entry* e, std::unique_lock<detail::lock_table_mutex>& lock,
+                                const std::optional<detail::steady_time>& deadline, const std::stop_token* stop) {
     detail::handoff_waiter self;  // e cannot vanish while we are linked into it
     e->waiters.push_back(&self, e->bypasses);
     s.add_waiting(1);
@@ -247,7 +254,8 @@ class key_lock_table {
           leave_queue(s, e, self);
           if (e->held) return;
           if (e->waiters.empty()) {
-            s.erase(e);  // nobody holds or awaits it any more
+            e->held = true;  // the state erase() recycles nodes in (lock_table_entry)
+            s.erase(e);      // nobody holds or awaits it any more
           } else {
             wake_head(e);  // we may have been the head that was to take the free key
           }

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <atomic>
+#include <cassert>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -36,8 +37,10 @@ struct alignas(cache_line) lock_table_entry {
   lock_table_entry* next = nullptr;  // bucket chain, or the pool's free list
   std::uint64_t hash = 0;            // mixed hash of *key
   handoff_fifo waiters;              // threads waiting for this key, oldest first
+  // A node fresh or from the pool is already in the state insert() hands out (held, not woken,
+  // no bypasses): erase() is only called in that state, so insert() need not write these.
   std::uint32_t bypasses = 0;        // barging takes while the head waited (lock_handoff.hpp)
-  bool held = false;                 // a guard owns the key (else only waiters keep the entry)
+  bool held = true;                  // a guard owns the key (else only waiters keep the entry)
   bool woken = false;                // the head waiter has been told to look at a free key
   std::optional<Key> key;            // engaged while the entry is in the map
 };
@@ -90,9 +93,6 @@ class alignas(cache_line) lock_table_shard {
       throw;
     }
     e->hash = hash;
-    e->held = true;  // inserted by the thread that now holds the key
-    e->woken = false;
-    e->bypasses = 0;
     entry*& head = buckets_[hash & mask_];
     e->next = head;
     head = e;
@@ -101,8 +101,10 @@ class alignas(cache_line) lock_table_shard {
     return e;
   }
 
-  /// Unlinks `e` (no holder, no waiter left) and recycles its node. Never throws.
+  /// Unlinks `e` (no waiter left, held, not woken, no bypasses: see lock_table_entry) and recycles
+  /// its node. Never throws.
   void erase(entry* e) noexcept {
+    assert(e->held && !e->woken && e->bypasses == 0 && e->waiters.empty());
     entry** link = &buckets_[e->hash & mask_];
     while (*link != e) link = &(*link)->next;
     *link = e->next;
