@@ -255,12 +255,12 @@ class limiter {
   }
 
   // We set woken_bit while someone was queued: tell the (current) head to look.
-  void wake_head() noexcept {
+  [[gnu::noinline]] void wake_head() noexcept {
     std::lock_guard lock(mutex_);
     if (detail::handoff_waiter* w = waiters_.front()) detail::wake(w);
   }
 
-  void release_locked() noexcept {
+  [[gnu::noinline]] void release_locked() noexcept {
     std::lock_guard lock(mutex_);
     if (detail::handoff_waiter* w = waiters_.front()) {
       // The permit passes straight to the head; free permits are unchanged.
@@ -283,8 +283,10 @@ class limiter {
   }
 
   // `deadline` and `stop` may be null (no limit). (A pointer rather than an optional: GCC 12's
-  // -Wmaybe-uninitialized misfires on an inlined optional<time_point>.)
-  std::optional<permit> acquire_slow(const detail::steady_time* deadline, const std::stop_token* stop) {
+  // -Wmaybe-uninitialized misfires on an inlined optional<time_point>.) The slow paths are kept
+  // out of line (gnu::noinline, honoured by GCC and Clang) so that acquire() and release() inline
+  // as one CAS each: inlined, they made an uncontended acquire/release pair ~1 ns (15%) slower.
+  [[gnu::noinline]] std::optional<permit> acquire_slow(const detail::steady_time* deadline, const std::stop_token* stop) {
     // Brief spin: a permit may come back within a few hundred cycles.
     for (int i = 0; i < fast_spins; ++i) {
       detail::cpu_relax();
