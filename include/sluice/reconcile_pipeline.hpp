@@ -282,7 +282,8 @@ struct reconcile_metrics {
   bool faulted = false;
   bool stopped = false;
   [[nodiscard]] std::size_t pending() const noexcept { return queued + scheduled + waiting + in_flight; }
-  /// The conservation identity (exact whenever the pipeline is quiescent).
+  /// The conservation identity. Every snapshot satisfies it (each transition moves one unit between
+  /// two of its terms under the pipeline's lock); so does reconciled == succeeded + failed + requeues.
   [[nodiscard]] bool balanced() const noexcept {
     return submitted == succeeded + dead_lettered + discarded + coalesced + cancelled + unprocessed + pending();
   }
@@ -1111,6 +1112,9 @@ class reconcile_pipeline {
     };
     if (k == reconcile_result::kind::failure || k == reconcile_result::kind::terminal) ++m_.failed;
     if (n.cancel_run && k != reconcile_result::kind::done) {
+      // The run counts by its result (reconciled == succeeded + failed + requeues, always); its
+      // entity, which would have been retried or requeued, counts as cancelled.
+      if (k == reconcile_result::kind::requeue) ++m_.requeues;
       ++m_.cancelled;
       n.failures = 0;
     } else {
