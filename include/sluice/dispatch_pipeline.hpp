@@ -521,8 +521,7 @@ class dispatch_pipeline {
           for (envelope& e : b.records()) n += report(e, delivery_report{failure_reason::none, persistence::persisted, e.retries});
           queue_time_.record(std::chrono::duration_cast<std::chrono::nanoseconds>(now - b.first_append()), n);
           delivered_.fetch_add(n, std::memory_order_relaxed);  // relaxed: statistic
-          acc_.complete(std::move(b));
-          break;
+          break;  // settled below, with the request's other delivered batches, under one lock
         }
         case send_result::permanent:
           fail_batch(b, failure_reason::permanent_error, true);
@@ -562,6 +561,7 @@ class dispatch_pipeline {
         }
       }
     }
+    acc_.complete(std::span<handle>(rq.batches_));  // the delivered ones (the others were moved out)
     bool was_full = false;
     {
       std::lock_guard lock(mutex_);

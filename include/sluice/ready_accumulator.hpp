@@ -466,6 +466,23 @@ class ready_accumulator {
 
   /// Settles a drained batch as delivered. Precondition: b.in_flight(). Thread-safe.
   void complete(batch_handle&& b) noexcept { settle_handle(b, outcome::delivered); }
+  /// Settles every owning, in-flight handle of `batches` as delivered under one lock acquisition
+  /// (the handles are left empty). Thread-safe.
+  void complete(std::span<batch_handle> batches) noexcept {
+    bool wake_space = false;
+    bool wake_sender = false;
+    {
+      std::lock_guard lock(mutex_);
+      for (batch_handle& b : batches) {
+        batch_node* n = std::exchange(b.node_, nullptr);
+        b.acc_ = nullptr;
+        if (n != nullptr) wake_space = release_locked(n, outcome::delivered) || wake_space;
+      }
+      wake_sender = std::exchange(need_wake_, false);
+    }
+    if (wake_space) space_ec_.notify_all();
+    if (wake_sender) sender_ec_.notify_all();
+  }
   /// Settles a drained batch as failed for good (its records count as failed). Thread-safe.
   void fail(batch_handle&& b) noexcept { settle_handle(b, outcome::failed); }
 
@@ -1003,7 +1020,7 @@ class ready_accumulator {
     b->st = state::sealed;
     ++sealed_;
     link_tail_locked(p, b);
-    if (p.head == b) settle_locked(b->part, b->retry_at == no_retry() ? b->created : clock_.now());
+    if (p.head == b) settle_now_locked(b->part);
   }
 
   void seal_all_open_locked() {
@@ -1280,37 +1297,52 @@ class ready_accumulator {
     bool wake_sender = false;
     {
       std::lock_guard lock(mutex_);
-      if (n->st == state::in_flight) {
-        const auto k = n->records.size();
-        in_flight_records_ -= k;
-        (o == outcome::delivered ? delivered_ : failed_) += k;
-        buffer_used_ -= n->bytes;
-        wake_space = waiting_head_ != nullptr;
-        if (n->muted) {
-          partition_state& p = parts_[n->part];
-          --p.mutes;
-          n->muted = false;
-          if (p.mutes == 0) {
-            try {
-              settle_locked(n->part, clock_.now());
-            } catch (...) {
-              notify_locked(n->part);  // only the backoff heap can throw (allocation)
-            }
-          }
-        }
-      }
-      n->records.clear();
-      n->st = state::free;
-      ++n->gen;
-      try {
-        free_nodes_.push_back(n);
-      } catch (...) {
-        // keep the node allocated but unused; it is still owned by nodes_
-      }
+      wake_space = release_locked(n, o);
       wake_sender = std::exchange(need_wake_, false);
     }
     if (wake_space) space_ec_.notify_all();
     if (wake_sender) sender_ec_.notify_all();
+  }
+
+  // Returns whether blocked appenders should look at the buffer again.
+  bool release_locked(batch_node* n, outcome o) noexcept {
+    bool wake_space = false;
+    if (n->st == state::in_flight) {
+      const auto k = n->records.size();
+      in_flight_records_ -= k;
+      (o == outcome::delivered ? delivered_ : failed_) += k;
+      buffer_used_ -= n->bytes;
+      wake_space = waiting_head_ != nullptr;
+      if (n->muted) {
+        partition_state& p = parts_[n->part];
+        --p.mutes;
+        n->muted = false;
+        if (p.mutes == 0) {
+          try {
+            settle_now_locked(n->part);
+          } catch (...) {
+            notify_locked(n->part);  // only the backoff heap can throw (allocation)
+          }
+        }
+      }
+    }
+    n->records.clear();
+    n->st = state::free;
+    ++n->gen;
+    try {
+      free_nodes_.push_back(n);
+    } catch (...) {
+      // keep the node allocated but unused; it is still owned by nodes_
+    }
+    return wake_space;
+  }
+
+  // settle_locked() reading the clock only when the head batch is in backoff (the common unmute
+  // and seal paths need no time).
+  void settle_now_locked(std::uint32_t id) {
+    const partition_state& p = parts_[id];
+    const bool in_backoff = p.head != nullptr && p.head->retry_at != no_retry();
+    settle_locked(id, in_backoff ? clock_.now() : time_point{});
   }
 
   void unmute(std::uint32_t id) noexcept {
@@ -1320,7 +1352,7 @@ class ready_accumulator {
       partition_state& p = parts_[id];
       if (--p.mutes == 0) {
         try {
-          settle_locked(id, clock_.now());
+          settle_now_locked(id);
         } catch (...) {
           // only the backoff heap insert can throw (allocation); queue the partition instead
           notify_locked(id);
