@@ -342,3 +342,42 @@ TEST_CASE("limiter: permits never exceed max under seeded mixed use") {
     }
   }
 }
+
+TEST_CASE("limiter: each queued waiter's own bypass count is bounded (small test bound)") {
+  // Bound 3. W0 queues; this thread bypasses twice; W1 queues (its count starts at 0); this
+  // thread keeps bypassing until refused. Neither waiter may be overtaken more than 3 times:
+  // W0's count is every bypass until it is served, W1's those after it queued.
+  limiter l(1, sluice::detail::bypass_bound_for_testing{3});
+  std::optional<limiter::permit> held = l.acquire();
+  std::atomic<int> served{0};
+  std::vector<std::jthread> threads;
+  std::size_t bypasses_before_w1 = 0;
+  std::size_t bypasses_total = 0;
+  auto bypass = [&]() -> bool {
+    held.reset();
+    held = l.try_acquire();
+    if (!held) return false;
+    ++bypasses_total;
+    return true;
+  };
+  threads.emplace_back([&] {
+    auto p = l.acquire();
+    ++served;
+  });
+  await_waiting(l, 1);
+  for (int i = 0; i < 2 && served == 0 && bypass(); ++i) ++bypasses_before_w1;
+  if (held) {
+    threads.emplace_back([&] {
+      auto p = l.acquire();
+      ++served;
+    });
+    while (l.waiting() < 2 && served == 0) std::this_thread::yield();
+    while (served < 2 && bypass()) REQUIRE(bypasses_total <= 3 + bypasses_before_w1);
+  }
+  CHECK(bypasses_before_w1 <= 3);
+  held.reset();
+  threads.clear();
+  CHECK(served == 2);
+  CHECK(l.in_use() == 0);
+  CHECK(l.waiting() == 0);
+}

@@ -39,6 +39,7 @@
 //   if (auto g = locks.try_lock(uid)) { reconcile(entity); } else { /* busy: requeue */ }
 #pragma once
 
+#include <cassert>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -125,6 +126,13 @@ class key_lock_table {
         hash_(hash),
         equal_(equal) {
     for (std::size_t i = 0; i < shard_count_; ++i) shards_[i].set_pool_limit(pooled_entries_per_shard);
+  }
+
+  /// For sluice's own tests: a smaller bypass bound (not public API).
+  key_lock_table(std::size_t shards, std::size_t pooled_entries_per_shard, detail::bypass_bound_for_testing bound)
+      : key_lock_table(shards, pooled_entries_per_shard) {
+    assert(bound.value >= 1 && bound.value <= max_bypasses);
+    bypass_bound_ = bound.value;
   }
 
   key_lock_table(const key_lock_table&) = delete;
@@ -223,7 +231,7 @@ class key_lock_table {
     std::unique_lock lock(s.mutex);
     entry* e = s.find(h, key, equal_);
     if (e == nullptr) return guard(this, s.insert(h, key));  // absent: a new entry, held by us
-    if (!e->held && (e->waiters.empty() || e->bypasses < detail::max_bypasses)) {
+    if (!e->held && (e->waiters.empty() || e->bypasses < bypass_bound_)) {
       e->held = true;  // free: ours, even if someone is queued (a bypass, counted)
       if (!e->waiters.empty()) ++e->bypasses;
       return guard(this, e);
@@ -291,7 +299,7 @@ class key_lock_table {
       s.erase(e);  // no holder, no waiter: removed under the mutex that decided it is unused
       return;
     }
-    if (e->bypasses >= detail::max_bypasses) {
+    if (e->bypasses >= bypass_bound_) {
       // Starvation mode: the key passes straight to the head (it stays held, the entry stays).
       detail::handoff_waiter* w = e->waiters.front();
       leave_queue(s, e, *w);
@@ -303,6 +311,7 @@ class key_lock_table {
   }
 
   const std::size_t shard_count_;
+  std::uint32_t bypass_bound_ = max_bypasses;  // smaller only in sluice's own tests
   std::unique_ptr<shard_type[]> shards_;
   [[no_unique_address]] Hash hash_;
   [[no_unique_address]] KeyEqual equal_;

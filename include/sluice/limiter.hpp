@@ -89,7 +89,15 @@ class limiter {
   };
 
   /// Throws std::invalid_argument if max is 0 (or above 2^44).
-  explicit limiter(std::size_t max) : max_(validate(max)), state_(static_cast<std::uint64_t>(max) * unit) {}
+  explicit limiter(std::size_t max) : limiter(max, detail::bypass_bound_for_testing{max_bypasses}) {}
+
+  /// For sluice's own tests: as limiter(max) with a smaller bypass bound (not public API).
+  limiter(std::size_t max, detail::bypass_bound_for_testing bound)
+      : max_(validate(max)),
+        bypass_bound_(bound.value),
+        state_(static_cast<std::uint64_t>(max) * unit) {
+    assert(bound.value >= 1 && bound.value <= max_bypasses);
+  }
 
   limiter(const limiter&) = delete;
   limiter& operator=(const limiter&) = delete;
@@ -210,8 +218,8 @@ class limiter {
 
   [[nodiscard]] static std::size_t free_of(std::uint64_t s) noexcept { return static_cast<std::size_t>(s >> free_shift); }
   [[nodiscard]] static std::uint64_t bypasses_of(std::uint64_t s) noexcept { return (s & bypass_mask) >> bypass_shift; }
-  [[nodiscard]] static bool starving(std::uint64_t s) noexcept {
-    return (s & queued_bit) != 0 && bypasses_of(s) >= max_bypasses;
+  [[nodiscard]] bool starving(std::uint64_t s) const noexcept {
+    return (s & queued_bit) != 0 && bypasses_of(s) >= bypass_bound_;
   }
   // The state once the head leaves the fifo: `last` if it was the only waiter, else the new head
   // has been bypassed `gap` times fewer (handoff_fifo::head_gap) and must look iff a permit is free.
@@ -392,6 +400,7 @@ class limiter {
   }
 
   const std::size_t max_;
+  const std::uint64_t bypass_bound_;  // max_bypasses, except in sluice's own tests
   alignas(detail::cache_line) std::atomic<std::uint64_t> state_;
   alignas(detail::cache_line) std::mutex mutex_;  // guards waiters_ and the queued_bit transitions
   detail::handoff_fifo waiters_;

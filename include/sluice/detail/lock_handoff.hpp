@@ -52,6 +52,12 @@ namespace sluice::detail {
 /// key_lock_table headers; tested by both.
 inline constexpr std::uint32_t max_bypasses = 16384;
 
+/// Constructor tag for tests only: a smaller bypass bound, so that stress tests reach starvation
+/// mode (and its interplay with timeouts and cancellation) often. 1 <= value <= max_bypasses.
+struct bypass_bound_for_testing {
+  std::uint32_t value;
+};
+
 struct handoff_waiter {
   enum : std::uint32_t { none = 0, woken = 1, granted = 2 };
   handoff_waiter* prev = nullptr;
