@@ -207,8 +207,28 @@ void run(const run_config& cfg) {
     };
     for (;;) {
       std::size_t got = 0;
-      const auto op = crng() % 10;
-      if (op < 4) {
+      const auto op = crng() % 12;
+      if (op >= 10) {
+        // The status forms: the status must agree with what came out and with the channel's state.
+        std::optional<item> it;
+        channel_status st = channel_status::ok;
+        if (op == 10) {
+          st = ch.try_receive(it);
+          if (st != channel_status::ok && st != channel_status::empty && st != channel_status::closed) {
+            fail.add("try_receive(out): status other than ok, empty or closed");
+          }
+        } else {
+          st = consumer_stop.stop_requested() ? ch.try_receive_for(it, std::chrono::microseconds(crng() % 200))
+                                              : ch.receive(it, consumer_stop.get_token());
+          if (st == channel_status::empty) fail.add("a waiting receive(out) returned empty");
+        }
+        if ((st == channel_status::ok) != it.has_value()) fail.add("receive(out): ok without an item, or an item without ok");
+        if (st == channel_status::closed && !ch.is_drained()) fail.add("receive(out): closed before drained");
+        if (it) {
+          take(*it);
+          got = 1;
+        }
+      } else if (op < 4) {
         std::optional<item> it;
         switch (op) {
           case 0: it = ch.receive(); break;
