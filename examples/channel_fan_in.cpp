@@ -10,8 +10,10 @@
 //   build/<preset>/examples/channel_fan_in
 #include <sluice/channel.hpp>
 
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -61,7 +63,12 @@ int main() {
   }
   // (Equivalently, one at a time:  for (reading& r : readings) { ... }  ends at closed-and-drained.)
 
-  const bool ok = total == sensors * per_sensor && out_of_order == 0 &&
+  // Closed and drained is final, and the status forms of receive say so at once (no waiting out
+  // the timeout): closed, as opposed to timeout, cancelled or (try_receive) empty.
+  std::optional<reading> none;
+  const bool closed_reported = readings.try_receive_for(none, std::chrono::seconds(10)) == sluice::channel_status::closed;
+
+  const bool ok = closed_reported && total == sensors * per_sensor && out_of_order == 0 &&
                   readings.accepted() == readings.received() + readings.dropped() && readings.size() == 0;
   std::printf("received %llu readings from %d sensors in %llu batches (avg %.1f per batch)\n",
               static_cast<unsigned long long>(total), sensors, static_cast<unsigned long long>(batches),
