@@ -3,13 +3,18 @@
 // a stripe block each other and waiters are not FIFO).
 //
 //  klt_distinct/workers:N      lock/unlock of keys never used before (every op creates and
-//                              removes an entry), 1 and 2 threads
-//  klt_same_key/workers:2      two threads locking one key: every unlock has a waiter. sluice
-//                              hands the key over FIFO (a wake-up per handoff); std::mutex lets the
-//                              unlocker re-take it (unfair, fewer wake-ups)
+//                              removes an entry), 1 and 2 threads. Keys spread over the shards by
+//                              hash, so each op writes a shard line the other thread last wrote
+//                              half of the time: striped_mutex (one line per op, nothing else)
+//                              shows what that costs any shared lock table
+//  klt_same_key/workers:2      two threads locking one key: every unlock may have a waiter. sluice
+//                              lets a running thread re-take the key (bounded: a waiter is
+//                              overtaken at most max_bypasses times, then served FIFO); std::mutex
+//                              lets the unlocker re-take it without a bound
 //  klt_resident/keys:1M        1M distinct keys locked and unlocked, then counters:
 //                              resident_entries (entries left) and spare_nodes (pooled)
 //
+// Time is wall-clock per operation for the 2-thread runs; CPU is the threads' CPU time per op.
 // Run: bench/key_lock_table_bench --benchmark_repetitions=3 --benchmark_out=klt.json
 #include <sluice/key_lock_table.hpp>
 
