@@ -39,12 +39,16 @@
 //    values they hold (pending + retrying; keyed: keys with state) are fewer than `capacity`, so a
 //    failing sink turns into backpressure, never into growth.
 //  - A batch goes to the sink when it has max_batch values, when its oldest value has waited
-//    `linger`, when a retry is due, or at once while a flush() or stop() is in progress.
+//    `linger`, when a retry is due, or at once while a flush() or stop() is in progress. Waiting is
+//    counted from when a flusher takes the value from the intake (one clock read per take, none
+//    per enqueue): at once while a flusher is idle or lingering; while every flusher is in the sink,
+//    values wait in the intake and a full batch goes as soon as one returns.
 //  - flush() returns once everything enqueued before the call is persisted or reported failed.
 //  - stop() closes the intake (blocked and later enqueues return closed), keeps flushing, retries
 //    included, until everything is done or drain_timeout has passed, then reports everything still
-//    unwritten to on_failed with reason shutdown; it returns once the flushers have exited.
-//    Idempotent, safe from several threads; the destructor calls it.
+//    unwritten to on_failed with reason shutdown; it returns once the flushers have exited (a sink
+//    call in progress is waited for, never abandoned). Idempotent, safe from several threads; the
+//    destructor calls it.
 //  - Idle costs nothing: flushers park through the clock and wake on the first value, on the linger
 //    or retry deadline, on flush()/stop() — never on a polling tick. Producers make a system call
 //    only when a flusher is parked and their value completes what it waits for (the first value, or a
