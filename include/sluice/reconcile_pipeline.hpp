@@ -93,6 +93,13 @@
 #include "detail/reconcile_table.hpp"
 #include "key.hpp"
 
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(SLUICE_NO_TSC)
+#include <x86intrin.h>
+#define SLUICE_DETAIL_PIPELINE_TSC 1
+#else
+#define SLUICE_DETAIL_PIPELINE_TSC 0
+#endif
+
 namespace sluice {
 
 /// Why a reconcile runs (kube-rs's ReconcileReason).
@@ -146,6 +153,27 @@ template <class TimePoint>
   if (d <= std::chrono::nanoseconds::zero()) return tp;
   const dur dd = std::chrono::ceil<dur>(d);
   return tp.time_since_epoch() > dur::max() - dd ? TimePoint::max() : tp + dd;
+}
+}  // namespace detail
+
+namespace detail {
+/// Nanoseconds per time-stamp-counter tick, measured once per process over 2 ms against
+/// std::chrono::steady_clock (both clocks run through any preemption, so the ratio holds).
+inline double tsc_ns_per_tick() noexcept {
+#if SLUICE_DETAIL_PIPELINE_TSC
+  static const double value = [] {
+    const auto s0 = std::chrono::steady_clock::now();
+    const auto t0 = __rdtsc();
+    auto s1 = s0;
+    while (s1 - s0 < std::chrono::milliseconds(2)) s1 = std::chrono::steady_clock::now();
+    const auto t1 = __rdtsc();
+    const double ns = static_cast<double>(std::chrono::duration_cast<std::chrono::nanoseconds>(s1 - s0).count());
+    return t1 > t0 ? ns / static_cast<double>(t1 - t0) : 1.0;
+  }();
+  return value;
+#else
+  return 1.0;
+#endif
 }
 }  // namespace detail
 
@@ -516,9 +544,9 @@ class reconcile_pipeline {
     m.max_parallel = opts_.max_parallel;
     m.faulted = static_cast<bool>(fault_);
     m.stopped = finalized_;
-    time_point now{};
+    std::int64_t now = 0;
     try {
-      now = clock_.now();
+      now = stamp_now();
     } catch (...) {  // a broken clock (the pipeline is faulted): ages read as zero
       return m;
     }
@@ -526,7 +554,7 @@ class reconcile_pipeline {
       if (l.head != detail::no_node) m.oldest_queued_age = std::max(m.oldest_queued_age, since(slab_[l.head].ready_at, now));
     }
     for (const worker_state& ws : workers_) {
-      if (ws.node != detail::no_node) m.longest_running = std::max(m.longest_running, since(ws.started, now));
+      if (ws.node != detail::no_node) m.longest_running = std::max(m.longest_running, since(ws.started_stamp, now));
     }
     return m;
   }
@@ -554,7 +582,7 @@ class reconcile_pipeline {
   struct node {
     std::optional<key_type> key;
     std::optional<Entity> entity;  // the pending version (the running one is on its worker's stack)
-    time_point ready_at{};
+    std::int64_t ready_at = 0;     // stamp (see stamp_now) when it became ready
     time_point deadline{};
     std::uint32_t hash = 0;
     std::uint32_t next = detail::no_node;  // FIFO link, or free list
@@ -578,7 +606,8 @@ class reconcile_pipeline {
 
   struct worker_state {
     std::uint32_t node = detail::no_node;
-    time_point started{};
+    std::int64_t started_stamp = 0;
+    time_point started{};  // on the Clock; read only when reconcile_timeout is set
     std::stop_source stop;
     std::stop_token token = stop.get_token();  // handed to each run by reference: no refcount traffic
     bool stop_used = false;
@@ -602,8 +631,23 @@ class reconcile_pipeline {
     }
   }
 
-  static std::chrono::nanoseconds since(time_point then, time_point now) noexcept {
-    return now > then ? std::chrono::duration_cast<std::chrono::nanoseconds>(now - then) : std::chrono::nanoseconds(0);
+  // Histograms and ages are measured with cheap stamps: the CPU's time-stamp counter when the Clock
+  // is sluice::steady_clock on x86 (a fraction of the cost of clock_gettime on a VM, and reconciles
+  // are counted in the millions per second), else the Clock itself in nanoseconds. Deadlines always
+  // use the Clock.
+  static constexpr bool use_tsc = SLUICE_DETAIL_PIPELINE_TSC && std::is_same_v<Clock, steady_clock>;
+  std::int64_t stamp_now() const {
+#if SLUICE_DETAIL_PIPELINE_TSC
+    if constexpr (use_tsc) return static_cast<std::int64_t>(__rdtsc());
+#endif
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(clock_.now().time_since_epoch()).count();
+  }
+  std::chrono::nanoseconds since(std::int64_t then, std::int64_t now) const noexcept {
+    if (now <= then) return std::chrono::nanoseconds(0);
+    if constexpr (use_tsc) {
+      return std::chrono::nanoseconds(static_cast<std::int64_t>(static_cast<double>(now - then) * ns_per_tick_));
+    }
+    return std::chrono::nanoseconds(now - then);
   }
 
   void validate() const {
@@ -667,17 +711,24 @@ class reconcile_pipeline {
     return [this](std::uint32_t id) -> std::uint32_t& { return slab_[id].heap_pos; };
   }
 
+  void heap_erase_locked(std::uint32_t at, auto&& pos) noexcept {
+    heap_.erase_at(at, pos);
+    // relaxed: a hint for workers deciding whether to read the Clock (see worker_main).
+    scheduled_hint_.store(heap_.size(), std::memory_order_relaxed);
+  }
+
   void schedule_locked(std::uint32_t id, node& n, time_point deadline, bool& wake_timer) noexcept {
     n.pend = pend_scheduled;
     n.deadline = deadline;
     heap_.push(deadline, id, pos_fn());
+    scheduled_hint_.store(heap_.size(), std::memory_order_relaxed);  // relaxed: as in heap_erase_locked
     if (sleeping_ > 0 && deadline < parked_max_) wake_timer = true;
   }
 
   void unlink_pending_locked(std::uint32_t id, node& n) noexcept {
     switch (n.pend) {
       case pend_queued: unlink_queued_locked(id, n); break;
-      case pend_scheduled: heap_.erase_at(n.heap_pos, pos_fn()); break;
+      case pend_scheduled: heap_erase_locked(n.heap_pos, pos_fn()); break;
       case pend_waiting: --waiting_; break;
       default: break;
     }
@@ -724,15 +775,21 @@ class reconcile_pipeline {
     const std::uint32_t h = detail::mix_hash(hash_(key));
     const auto prio = static_cast<std::uint8_t>(so.priority);
     std::optional<std::stop_callback<waker>> on_stop;
-    time_point now = clock_.now();
+    // The Clock is read only for a delayed submission (or the requeue_after strategy below).
+    const bool delayed = so.delay > std::chrono::nanoseconds::zero();
+    std::int64_t stamp = stamp_now();
+    time_point due = delayed ? detail::add_ns(clock_.now(), so.delay) : time_point{};
     std::unique_lock lk(mu_);
     for (bool first = true;; first = false) {
       if (closed_) return submit_status::closed;
-      if (!first) now = clock_.now();  // woke up after waiting: time has moved
+      if (!first) {  // woke up after waiting: time has moved
+        stamp = stamp_now();
+        if (delayed) due = detail::add_ns(clock_.now(), so.delay);
+      }
+      bool immediate = !delayed;
       std::uint32_t id = find_locked(h, key);
       bool wake_worker = false;
       bool wake_timer = false;
-      time_point due = so.delay > std::chrono::nanoseconds::zero() ? detail::add_ns(now, so.delay) : now;
       if (id != detail::no_node) {
         node& n = slab_[id];
         if (n.running) {
@@ -749,21 +806,24 @@ class reconcile_pipeline {
                 continue;
               }
               break;
-            case conflict_strategy::requeue_after:
-              due = std::max(due, detail::add_ns(now, opts_.conflict_delay));
+            case conflict_strategy::requeue_after: {
+              const time_point later = detail::add_ns(clock_.now(), opts_.conflict_delay);
+              due = immediate ? later : std::max(due, later);
+              immediate = false;
               break;
+            }
             default: break;
           }
         }
-        if (n.pend == pend_none && due <= now && queued_ + waiting_ >= opts_.capacity) {
+        if (n.pend == pend_none && immediate && queued_ + waiting_ >= opts_.capacity) {
           if (try_only) return submit_status::full;
           const auto w = block_locked(lk, deadline, stop, on_stop, submit_waiters_);
           if (w != submit_status::ok) return w;
           continue;
         }
-        place_locked(id, n, e, due, now, prio, so.reason, wake_worker, wake_timer);
+        place_locked(id, n, e, immediate, due, stamp, prio, so.reason, wake_worker, wake_timer);
       } else {
-        if (due <= now && queued_ + waiting_ >= opts_.capacity) {
+        if (immediate && queued_ + waiting_ >= opts_.capacity) {
           if (try_only) return submit_status::full;
           const auto w = block_locked(lk, deadline, stop, on_stop, submit_waiters_);
           if (w != submit_status::ok) return w;
@@ -777,7 +837,7 @@ class reconcile_pipeline {
         n.key.emplace(std::move(key));  // std::move: key is not used again on this path
         n.hash = h;
         index_.insert(h, id);
-        place_locked(id, n, e, due, now, prio, so.reason, wake_worker, wake_timer);
+        place_locked(id, n, e, immediate, due, stamp, prio, so.reason, wake_worker, wake_timer);
       }
       ++m_.submitted;
       lk.unlock();
@@ -788,8 +848,9 @@ class reconcile_pipeline {
   }
 
   // Puts `e` into node `n` as its pending version, merging with one already there (dedup rule).
-  void place_locked(std::uint32_t id, node& n, Entity& e, time_point due, time_point now, std::uint8_t prio,
-                    reconcile_reason reason, bool& wake_worker, bool& wake_timer) noexcept {
+  // `immediate`: due now; else due at `due` (on the Clock). `stamp`: now, for latency.
+  void place_locked(std::uint32_t id, node& n, Entity& e, bool immediate, time_point due, std::int64_t stamp,
+                    std::uint8_t prio, reconcile_reason reason, bool& wake_worker, bool& wake_timer) noexcept {
     if (n.pend != pend_none) {
       ++m_.coalesced;
       n.entity.reset();
@@ -797,10 +858,10 @@ class reconcile_pipeline {
       n.reason = reason;
       const std::uint8_t new_prio = std::max(n.priority, prio);
       if (n.pend == pend_scheduled) {
-        if (due <= now) {
-          heap_.erase_at(n.heap_pos, pos_fn());
+        if (immediate) {
+          heap_erase_locked(n.heap_pos, pos_fn());
           n.priority = new_prio;
-          n.ready_at = now;
+          n.ready_at = stamp;
           if (n.running) {
             n.pend = pend_waiting;
             ++waiting_;
@@ -828,8 +889,8 @@ class reconcile_pipeline {
     n.entity.emplace(std::move(e));
     n.reason = reason;
     n.priority = prio;
-    n.ready_at = now;
-    if (due > now) {
+    n.ready_at = stamp;
+    if (!immediate) {
       schedule_locked(id, n, due, wake_timer);
     } else if (n.running) {
       n.pend = pend_waiting;
@@ -903,11 +964,11 @@ class reconcile_pipeline {
 
   // Moves due scheduled versions to their queues (or behind their running key), then picks the
   // next key to run by priority with the starvation bound. no_node if nothing is runnable.
-  std::uint32_t next_locked(time_point now) {
+  std::uint32_t next_locked(time_point now, std::int64_t stamp) {
     while (!heap_.empty() && heap_.top().deadline <= now) {
       const std::uint32_t id = heap_.top().id;
       node& n = slab_[id];
-      heap_.erase_at(0, pos_fn());
+      heap_erase_locked(0, pos_fn());
       n.pend = pend_none;
       if (n.running) {
         if (opts_.on_conflict == conflict_strategy::requeue_after) {
@@ -919,7 +980,7 @@ class reconcile_pipeline {
           ++waiting_;
         }
       } else {
-        n.ready_at = n.deadline;
+        n.ready_at = stamp;  // queue latency counts from when the requeue was found due
         push_queued_locked(id, n);
       }
     }
@@ -964,20 +1025,26 @@ class reconcile_pipeline {
     std::optional<Entity> local;  // the running version
     std::exception_ptr machinery;  // a Clock or allocation failure: faults the pipeline
     time_point now{};
-    auto read_now = [&]() noexcept {
+    std::int64_t stamp = 0;
+    // Takes a stamp every time; reads the Clock only when something needs it: scheduled entries
+    // to promote, a reconcile_timeout, or (force) a requeue or retry deadline to compute. A stale
+    // `now` is never later than the truth, so it can delay a promotion, never make one early.
+    auto read_now = [&](bool force) noexcept {
       try {
-        now = clock_.now();
+        stamp = stamp_now();
+        // relaxed: a hint (see heap_erase_locked); a stale zero only delays as explained above.
+        if (force || timed_ || scheduled_hint_.load(std::memory_order_relaxed) != 0) now = clock_.now();
       } catch (...) {
         if (!machinery) machinery = std::current_exception();
       }
     };
     bool spun = false;
     std::unique_lock lk(mu_);
-    read_now();
+    read_now(true);
     for (;;) {
       if (machinery && !fault_) fault_locked(machinery);
       if (stopping_ || fault_) break;
-      const std::uint32_t id = next_locked(now);
+      const std::uint32_t id = next_locked(now, stamp);
       if (id == detail::no_node) {
         if (!spun) {
           spin_for_work(lk);  // the next submission is often microseconds away: no futex round trip
@@ -986,7 +1053,7 @@ class reconcile_pipeline {
           park_worker_locked(lk);
           spun = false;
         }
-        read_now();
+        read_now(false);
         continue;
       }
       spun = false;
@@ -1008,10 +1075,11 @@ class reconcile_pipeline {
       n.worker = static_cast<std::uint32_t>(w);
       ++running_;
       ws.node = id;
+      ws.started_stamp = stamp;
       ws.started = now;
       ws.timed_out = false;
       ws.reason = n.reason;
-      m_.queue_latency.record(since(n.ready_at, now));
+      m_.queue_latency.record(since(n.ready_at, stamp));
       local.emplace(std::move(*n.entity));
       n.entity.reset();
       const context ctx{*n.key, n.failures + 1, n.reason, static_cast<int>(n.priority), ws.token};
@@ -1032,11 +1100,13 @@ class reconcile_pipeline {
       if (res.result_kind() == reconcile_result::kind::failure || res.result_kind() == reconcile_result::kind::terminal) {
         report_failure(ctx, res.error());
       }
-      read_now();
+      const auto k = res.result_kind();
+      read_now(k == reconcile_result::kind::failure ||
+               (k == reconcile_result::kind::requeue && res.delay() > std::chrono::nanoseconds::zero()));
 
       lk.lock();
       std::optional<dead_letter<key_type, Entity>> dead;
-      finish_locked(ws, id, res, now, local, dead);
+      finish_locked(ws, id, res, now, stamp, local, dead);
       const bool notify_submit = key_waiters_ > 0;
       const bool notify_idle = idle_waiters_ > 0 && ((queued_ == 0 && running_ == 0) || slab_.live() == 0 || stopping_);
       if (dead || notify_submit || notify_idle) {
@@ -1086,13 +1156,15 @@ class reconcile_pipeline {
     }
   }
 
-  void finish_locked(worker_state& ws, std::uint32_t id, reconcile_result& res, time_point end,
+  // `end`: the Clock after the run (fresh when a requeue or retry needs a deadline); `stamp`: ditto
+  // as a stamp.
+  void finish_locked(worker_state& ws, std::uint32_t id, reconcile_result& res, time_point end, std::int64_t stamp,
                      std::optional<Entity>& local, std::optional<dead_letter<key_type, Entity>>& dead) {
     node& n = slab_[id];
     n.running = false;
     --running_;
     ws.node = detail::no_node;
-    m_.reconcile_duration.record(since(ws.started, end));
+    m_.reconcile_duration.record(since(ws.started_stamp, stamp));
     ++m_.reconciled;
     auto k = res.result_kind();
     if (ws.timed_out) {
@@ -1164,7 +1236,7 @@ class reconcile_pipeline {
             work_ec_.notify_all();  // rare: a deadline earlier than every parked worker's
           }
         } else {
-          n.ready_at = end;
+          n.ready_at = stamp;
           push_queued_locked(id, n);
         }
       }
@@ -1182,11 +1254,11 @@ class reconcile_pipeline {
   void spin_for_work(std::unique_lock<detail::spin_mutex>& lk) {
     ++spinning_;
     lk.unlock();
-    for (int i = 0; i < 256; ++i) {
+    // No yield here: on a loaded machine a yield can hand the core away for a whole time slice.
+    for (int i = 0; i < 512; ++i) {
       // relaxed: only a hint (see note_queued_locked); the caller re-checks under the lock.
       if (work_hint_.load(std::memory_order_relaxed) != 0) break;
       detail::cpu_relax();
-      if ((i & 63) == 63) std::this_thread::yield();
     }
     lk.lock();
     if (--spinning_ == 0) work_hint_.store(0, std::memory_order_relaxed);  // relaxed: as above
@@ -1318,6 +1390,7 @@ class reconcile_pipeline {
   Hash hash_;
   KeyEqual eq_;
   reconcile_fn fn_;
+  double ns_per_tick_ = detail::tsc_ns_per_tick();
 
   mutable detail::spin_mutex mu_;
   std::mt19937_64 rng_;
@@ -1342,6 +1415,8 @@ class reconcile_pipeline {
   // when someone sleeps.
   std::size_t sleeping_ = 0;       // workers parked on work_ec_
   std::size_t spinning_ = 0;       // workers in spin_for_work()
+  std::atomic<std::size_t> scheduled_hint_{0};  // heap_.size(), readable without the lock
+  const bool timed_ = opts_.reconcile_timeout.has_value();
   std::atomic<std::uint32_t> work_hint_{0};  // set when work is queued while someone spins
   std::size_t wakes_pending_ = 0;  // notify_one()s not yet absorbed by a waking worker
   time_point parked_max_ = time_point::min();  // >= every parked worker's deadline
