@@ -5,6 +5,12 @@
 
 #include "test_support.hpp"
 
+// GCC 12 at -O2 with the sanitizers reports `std::stop_source x;` as "may be used uninitialized"
+// (the constructor passes *this to a const& parameter; a false positive, not seen by Clang).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
