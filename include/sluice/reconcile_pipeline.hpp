@@ -53,9 +53,9 @@
 //   worker) faults it: intake closes, wait() rethrows, metrics().faulted is set. A throwing user
 //   callback never faults it, never kills a worker, never leaks a key.
 // Never: polls, busy-waits when idle, runs a pump thread, holds a worker while waiting for a key.
+// In the example below a pod is `struct pod { std::string uid; int version; };`.
 //
 // Example:
-//   struct pod { std::string uid; int version; };
 //   using pipeline = sluice::reconcile_pipeline<pod, sluice::key_member<&pod::uid>>;
 //   pipeline p({.max_parallel = 4}, [](const pod& x, const pipeline::context& ctx) {
 //     return apply(x, ctx.stop) ? sluice::reconcile_result::done()
