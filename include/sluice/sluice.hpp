@@ -13,5 +13,6 @@
 #include "key_lock_table.hpp"
 #include "limiter.hpp"
 #include "ready_accumulator.hpp"
+#include "reconcile_pipeline.hpp"
 #include "requeue_queue.hpp"
 #include "task_group.hpp"
