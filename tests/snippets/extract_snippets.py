@@ -10,8 +10,9 @@ it (tests/snippets/CMakeLists.txt) whenever README.md, a header or a prelude cha
 
 What a snippet becomes:
   - its `#include` lines move to the top of the generated file;
-  - a snippet with a line starting (at column 0) with `template`, `namespace` or `int main` is
-    placed at namespace scope as is (explicit specialisations such as std::hash<key> must be);
+  - a snippet with a line starting (at column 0) with `template`, `namespace` or `int main`, or
+    with a function definition (`bool name(params) {` at column 0), is placed at namespace scope
+    as is (explicit specialisations such as std::hash<key> and function definitions must be);
   - every other snippet becomes the body of its own function `void snippet_<line>()`, so it may
     declare local variables, local structs and lambdas and call anything the prelude declares;
   - a `#line` directive precedes each snippet, so a compiler error names README.md or the header
@@ -28,6 +29,12 @@ import sys
 from pathlib import Path
 
 NAMESPACE_SCOPE = re.compile(r"^(template\b|namespace\b|int\s+main\b)")
+# A function definition starting at column 0: `type name(params) [const] [noexcept] {`, where the
+# parameters hold no lambda (a declaration `std::jthread t([&] {` is a statement, not a function).
+FUNCTION_DEFINITION = re.compile(
+    r"^(?!(?:if|for|while|switch|return|else|do|case|using|auto)\b)"
+    r"[A-Za-z_][\w:<>,*& ]*[ *&]([A-Za-z_]\w*)\s*\(([^()\[\]=]|\([^()]*\))*\)\s*"
+    r"(?:const\s*)?(?:noexcept\s*)?\{\s*$")
 INCLUDE = re.compile(r"^\s*#\s*include\b")
 EXAMPLE_HEAD = re.compile(r"^//\s*Examples?\b[^:]*:\s*$")
 EXAMPLE_LINE = re.compile(r"^//   (.*)$")
@@ -96,7 +103,7 @@ def render(source_path, snippets, head):
                 kept.append(line)
         text = "\n".join(kept)
         directive = f'#line {first_line} "{source}"'
-        if any(NAMESPACE_SCOPE.match(line) for line in kept):
+        if any(NAMESPACE_SCOPE.match(line) or FUNCTION_DEFINITION.match(line) for line in kept):
             bodies.append(f"// snippet at {source}:{first_line} (namespace scope)\n{directive}\n{text}\n")
         else:
             bodies.append(
