@@ -189,7 +189,7 @@ class scrape : public prometheus::Collectable {
       }
       out.push_back(std::move(f));
     };
-    auto histogram = [&](const char* name, const char* help, const sluice::latency_histogram& h,
+    auto histogram = [&](const char* name, const char* help, const sluice::reconcile_histogram& h,
                          const std::vector<prometheus::ClientMetric::Label>& labels) {
       prometheus::MetricFamily f{name, help, prometheus::MetricType::Histogram, {}};
       prometheus::ClientMetric c;
@@ -201,9 +201,9 @@ class scrape : public prometheus::Collectable {
       std::uint64_t cumulative = 0;
       std::size_t i = 0;
       for (double bound = 1e-8; bound < 2e3; bound *= 10) {
-        for (; i < sluice::latency_histogram::bucket_count; ++i) {
-          const double upper_s = i + 1 < sluice::latency_histogram::bucket_count
-                                     ? static_cast<double>(sluice::latency_histogram::lower_bound(i + 1)) * 1e-9
+        for (; i < sluice::reconcile_histogram::bucket_count; ++i) {
+          const double upper_s = i + 1 < sluice::reconcile_histogram::bucket_count
+                                     ? static_cast<double>(sluice::reconcile_histogram::lower_bound(i + 1)) * 1e-9
                                      : 1e30;
           if (upper_s > bound * 1.0000001) break;
           cumulative += h.bucket(i);

@@ -834,7 +834,7 @@ TEST_CASE("reconcile_pipeline: a fault in the machinery is rethrown by wait() an
 }
 
 TEST_CASE("reconcile_pipeline: metrics histograms give percentiles") {
-  sluice::latency_histogram h;
+  sluice::reconcile_histogram h;
   for (int i = 1; i <= 1000; ++i) h.record(std::chrono::microseconds(i));
   CHECK(h.count() == 1000);
   const auto p50 = h.percentile(0.5);
@@ -843,7 +843,7 @@ TEST_CASE("reconcile_pipeline: metrics histograms give percentiles") {
   CHECK(h.percentile(1.0) == 1000us);
   CHECK(h.percentile(0.99) >= 990us);
   CHECK(h.max() == 1000us);
-  sluice::latency_histogram empty;
+  sluice::reconcile_histogram empty;
   CHECK(empty.percentile(0.5) == 0ns);
 }
 

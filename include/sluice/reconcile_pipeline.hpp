@@ -89,7 +89,7 @@
 #include "backoff.hpp"
 #include "clock.hpp"
 #include "detail/event_count.hpp"
-#include "detail/latency_histogram.hpp"
+#include "detail/reconcile_histogram.hpp"
 #include "detail/reconcile_table.hpp"
 #include "key.hpp"
 
@@ -305,8 +305,8 @@ struct reconcile_metrics {
   std::size_t max_parallel = 0;
   std::chrono::nanoseconds oldest_queued_age{0};
   std::chrono::nanoseconds longest_running{0};
-  latency_histogram queue_latency;       ///< ready -> started
-  latency_histogram reconcile_duration;  ///< started -> finished
+  reconcile_histogram queue_latency;       ///< ready -> started
+  reconcile_histogram reconcile_duration;  ///< started -> finished
   bool faulted = false;
   bool stopped = false;
   [[nodiscard]] std::size_t pending() const noexcept { return queued + scheduled + waiting + in_flight; }

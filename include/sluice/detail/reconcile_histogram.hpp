@@ -1,4 +1,4 @@
-// sluice/detail/latency_histogram.hpp — sluice::latency_histogram, the fixed-size log-linear
+// sluice/detail/reconcile_histogram.hpp — sluice::reconcile_histogram, the fixed-size log-linear
 // histogram reconcile_pipeline's metrics() returns (the type is public; the file is an internal
 // part of reconcile_pipeline.hpp).
 //
@@ -19,7 +19,7 @@
 
 namespace sluice {
 
-class latency_histogram {
+class reconcile_histogram {
  public:
   static constexpr std::size_t bucket_count = 252;
 
@@ -33,7 +33,7 @@ class latency_histogram {
   }
 
   /// Adds every observation of `other`. Never allocates.
-  void merge(const latency_histogram& other) noexcept {
+  void merge(const reconcile_histogram& other) noexcept {
     for (std::size_t i = 0; i < bucket_count; ++i) counts_[i] += other.counts_[i];
     count_ += other.count_;
     sum_ += other.sum_;
@@ -97,8 +97,8 @@ class latency_histogram {
   std::uint64_t max_ = 0;
 };
 
-static_assert(latency_histogram::index_of(3) == 3 && latency_histogram::index_of(4) == 4 &&
-              latency_histogram::index_of(8) == 8 && latency_histogram::lower_bound(8) == 8 &&
-              latency_histogram::index_of(~std::uint64_t{0}) == latency_histogram::bucket_count - 1);
+static_assert(reconcile_histogram::index_of(3) == 3 && reconcile_histogram::index_of(4) == 4 &&
+              reconcile_histogram::index_of(8) == 8 && reconcile_histogram::lower_bound(8) == 8 &&
+              reconcile_histogram::index_of(~std::uint64_t{0}) == reconcile_histogram::bucket_count - 1);
 
 }  // namespace sluice
