@@ -2,17 +2,18 @@
 # Installs the Debian packages sluice's build, tests and benchmarks need — only those missing.
 # Usage: scripts/install-deps.sh [--minimal]
 #   --minimal   only what building and running the examples needs (compiler, CMake, Ninja, and
-#               the libraries examples/operator.cpp uses: SQLite, CLI11, prometheus-cpp)
+#               the examples' libraries: SQLite, libpq, CLI11, prometheus-cpp)
 # SLUICE_APT_UPDATED=1 skips `apt-get update` (.ci/run updates the package lists once itself).
 set -euo pipefail
 
 packages=(g++ cmake ninja-build python3)
-# The flagship example (examples/operator.cpp) and the write-behind example.
-packages+=(libsqlite3-dev libcli11-dev prometheus-cpp-dev)
+# The examples' libraries: configuring any example configures them all (examples/CMakeLists.txt),
+# so the write-behind example's libpq is needed even to run the flagship (examples/operator.cpp).
+packages+=(libsqlite3-dev libpq-dev libcli11-dev prometheus-cpp-dev)
 if [[ "${1:-}" != "--minimal" ]]; then
   packages+=(clang libclang-rt-14-dev catch2 libbenchmark-dev libtbb-dev libconcurrentqueue-dev libboost-dev)
-  # The examples' PostgreSQL backend and their end-to-end checks (a scratch server, HTTP scrape).
-  packages+=(libpq-dev postgresql-15 curl)
+  # The examples' end-to-end tests: a throwaway PostgreSQL server, the metrics scrape over HTTP.
+  packages+=(postgresql-15 curl)
 fi
 
 missing=()
