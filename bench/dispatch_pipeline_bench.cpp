@@ -5,8 +5,9 @@
 //   impl:scan  the pre-push design: the same batching behind one mutex; its sender thread waits on
 //              a condition variable (signalled when a batch seals, or after linger) and then walks
 //              every partition to seal lingering batches and collect sealed ones
-// send/impl/appenders:T/sink:S: T threads send 400k 100-byte records over 1,000 partitions and 5
-//   destinations, then flush; items/s is end-to-end (every record's delivery callback has run).
+// send/impl/appenders:T/sink:S/partitions:P: T threads send 400k 100-byte records over P
+//   partitions (1,000; 10,000 to show the scan's growth) and 5 destinations, then flush; items/s
+//   is end-to-end (every record's delivery callback has run).
 //   sink:0 completes every request at once on the sender thread; sink:1 (push only) completes
 //   each request 1 ms later from a completer thread (up to 5 in flight per destination).
 //   Counter cpu_ns_per_record: process CPU time / records.
@@ -32,7 +33,7 @@
 namespace {
 
 using namespace std::chrono_literals;
-constexpr int partitions = 1000;
+int partitions = 1000;  // set per benchmark from its argument (one benchmark runs at a time)
 constexpr int destinations = 5;
 constexpr std::size_t records_per_iteration = 400'000;
 
@@ -115,6 +116,7 @@ void run_appenders(int threads, Send&& send) {
 void send_push(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(0));
   const bool async = state.range(1) != 0;
+  partitions = static_cast<int>(state.range(2));
   std::atomic<std::uint64_t> delivered{0};
   std::optional<delayed_completer> completer;
   if (async) completer.emplace();
@@ -145,7 +147,7 @@ void send_push(benchmark::State& state) {
 class scanning_pipeline {
  public:
   using callback = std::function<void(const rec&, bool)>;
-  explicit scanning_pipeline(callback cb) : cb_(std::move(cb)), parts_(partitions) {
+  explicit scanning_pipeline(callback cb) : cb_(std::move(cb)), parts_(static_cast<std::size_t>(partitions)) {
     sender_ = std::jthread([this](std::stop_token st) { loop(st); });
   }
   ~scanning_pipeline() {
@@ -232,6 +234,7 @@ class scanning_pipeline {
 
 void send_scan(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(0));
+  partitions = static_cast<int>(state.range(2));
   std::atomic<std::uint64_t> delivered{0};
   scanning_pipeline pipe([&](const rec&, bool ok) {
     if (ok) delivered.fetch_add(1, std::memory_order_relaxed);  // relaxed: read after flush()
@@ -250,18 +253,20 @@ void send_scan(benchmark::State& state) {
 
 BENCHMARK(send_push)
     ->Name("send/impl:push")
-    ->ArgNames({"appenders", "sink"})
-    ->Args({1, 0})
-    ->Args({2, 0})
-    ->Args({1, 1})
-    ->Args({2, 1})
+    ->ArgNames({"appenders", "sink", "partitions"})
+    ->Args({1, 0, 1000})
+    ->Args({2, 0, 1000})
+    ->Args({1, 1, 1000})
+    ->Args({2, 1, 1000})
+    ->Args({2, 0, 10000})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(send_scan)
     ->Name("send/impl:scan")
-    ->ArgNames({"appenders", "sink"})
-    ->Args({1, 0})
-    ->Args({2, 0})
+    ->ArgNames({"appenders", "sink", "partitions"})
+    ->Args({1, 0, 1000})
+    ->Args({2, 0, 1000})
+    ->Args({2, 0, 10000})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 
