@@ -38,7 +38,9 @@
 //   or delivery-timeout expiry, a flush(), a close(), wake() or destination_changed().
 // - Buffer memory (sum of record bytes not yet completed, failed, expired or taken) never exceeds
 //   buffer_bytes; blocked appenders are served first-in first-out, and try_append() does not barge
-//   ahead of them. A call that does not return `ok` leaves the record with the caller.
+//   ahead of them. While appenders wait, linger is overridden (open batches are sealed, new ones
+//   are due at once) so memory is not held back by batches waiting out their linger. A call that
+//   does not return `ok` leaves the record with the caller.
 // - Conservation: appended = delivered + failed + expired + taken + pending, exactly (stats()).
 // - Every member function is thread-safe (one internal mutex; any number of appenders and senders).
 // Never: scans partitions in append/ready/drain/wait_ready (only audit(), take_pending(), flush()
@@ -1166,9 +1168,18 @@ class ready_accumulator {
       void operator()() const noexcept { ec->notify_all(); }
     };
     appender self;
+    const bool first_waiter = waiting_head_ == nullptr;
     if (waiting_tail_ != nullptr) waiting_tail_->next = &self; else waiting_head_ = &self;
     waiting_tail_ = &self;
     ++waiting_count_;
+    if (first_waiter) {
+      // The buffer is exhausted: waiting out the linger of open batches would only keep memory
+      // tied up, so everything open is sendable now, and batches opened while appenders wait are
+      // due at once (Kafka's RecordAccumulator treats an exhausted buffer the same way).
+      seal_all_open_locked();
+      kick_ = true;
+      need_wake_ = true;
+    }
     auto leave = [&]() {
       // Unlink self (FIFO list; O(waiters) in the rare timeout/cancel case).
       appender* prev = nullptr;
@@ -1181,7 +1192,9 @@ class ready_accumulator {
       }
       --waiting_count_;
     };
+    const bool wake_sender = std::exchange(need_wake_, false);
     lock.unlock();
+    if (wake_sender) sender_ec_.notify_all();
     std::optional<std::stop_callback<waker>> on_stop;
     if (stop != nullptr && stop->stop_possible()) on_stop.emplace(*stop, waker{&space_ec_});
     for (;;) {
@@ -1243,7 +1256,7 @@ class ready_accumulator {
     // Reserve FIFO room first so nothing below can fail halfway.
     batch_node* b = new_node_locked(id, now);
     try {
-      if (flushing_ > 0) {
+      if (flushing_ > 0 || waiting_head_ != nullptr) {
         // Due at once. At the front: every entry behind it is either due already or due later,
         // so "the front is due" still means "something is due" (what the waiters rely on).
         linger_fifo_.push_front(timed{b, b->gen, now});
@@ -1255,7 +1268,7 @@ class ready_accumulator {
         try {
           expiry_fifo_.push_back(timed{b, b->gen, expiry_deadline(b)});
         } catch (...) {
-          if (flushing_ > 0) linger_fifo_.pop_front(); else linger_fifo_.pop_back();
+          if (flushing_ > 0 || waiting_head_ != nullptr) linger_fifo_.pop_front(); else linger_fifo_.pop_back();
           throw;
         }
       }
