@@ -58,7 +58,7 @@ int main() {
         } else {
           entity = entity_locks.lock(uid);
         }
-        sluice::limiter::permit slot = parallel.acquire();  // FIFO among waiting threads
+        sluice::limiter::permit slot = parallel.acquire();  // queued threads served in order
         try {
           reconcile(id, event);
           reconciled.fetch_add(1);
