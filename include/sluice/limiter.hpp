@@ -248,41 +248,38 @@ class limiter {
     std::uint64_t s = state_.load(std::memory_order_relaxed);
     for (;;) {
       const bool becomes_idle = free_of(s) + 1 == max_;
-      if (starving(s) || (becomes_idle && (s & idle_waiter_bit) != 0)) {
-        release_locked();  // hand over to the head, or wake wait_idle(): both under mutex_
+      if (starving(s) || (s & (queued_bit | woken_bit)) == queued_bit ||
+          (becomes_idle && (s & idle_waiter_bit) != 0)) {
+        // Hand over to the head, wake the head, or wake wait_idle(): all under mutex_, which
+        // ~limiter() takes too, so the limiter cannot be destroyed while we still touch it.
+        release_locked();
         return;
       }
-      const bool wake = (s & (queued_bit | woken_bit)) == queued_bit;
-      const std::uint64_t next = (s + unit) | (wake ? woken_bit : 0);
       // release: pairs with the acquire CAS in try_take() and the acquire load in idle_ready().
-      if (state_.compare_exchange_weak(s, next, std::memory_order_release, std::memory_order_relaxed)) {
-        if (wake) wake_head();
-        return;
-      }
+      if (state_.compare_exchange_weak(s, s + unit, std::memory_order_release, std::memory_order_relaxed)) return;
     }
-  }
-
-  // We set woken_bit while someone was queued: tell the (current) head to look.
-  [[gnu::noinline]] void wake_head() noexcept {
-    std::lock_guard lock(mutex_);
-    if (detail::handoff_waiter* w = waiters_.front()) detail::wake(w);
   }
 
   [[gnu::noinline]] void release_locked() noexcept {
     std::lock_guard lock(mutex_);
-    if (detail::handoff_waiter* w = waiters_.front()) {
-      // The permit passes straight to the head; free permits are unchanged.
-      (void)leave_fifo(*w);
-      detail::grant(w);
-      return;
-    }
     // relaxed: only a first guess for the CAS below.
     std::uint64_t s = state_.load(std::memory_order_relaxed);
     for (;;) {
+      if (starving(s)) {
+        // Starvation mode: the permit passes straight to the head (queued_bit set: the fifo is
+        // not empty; it cannot change while we hold mutex_). Free permits are unchanged.
+        detail::handoff_waiter* w = waiters_.front();
+        (void)leave_fifo(*w);
+        detail::grant(w);
+        return;
+      }
       const bool becomes_idle = free_of(s) + 1 == max_;
-      const std::uint64_t next = becomes_idle ? ((s + unit) & ~idle_waiter_bit) : s + unit;
+      const bool wake = (s & (queued_bit | woken_bit)) == queued_bit;
+      std::uint64_t next = (s + unit) | (wake ? woken_bit : 0);
+      if (becomes_idle) next &= ~idle_waiter_bit;
       // release: as in release_one().
       if (state_.compare_exchange_weak(s, next, std::memory_order_release, std::memory_order_relaxed)) {
+        if (wake) detail::wake(waiters_.front());  // a free permit: the head must look
         // Notified under mutex_ so ~limiter() (which takes mutex_) cannot run concurrently.
         if (becomes_idle && (s & idle_waiter_bit) != 0) idle_ec_.notify_all();
         return;
