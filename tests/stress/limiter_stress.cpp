@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstdint>
 #include <chrono>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <random>
@@ -116,4 +117,26 @@ TEST_CASE("limiter stress: bound and conservation with cancellation and timeouts
      }
     }
   }
+}
+
+TEST_CASE("limiter stress: destroyed right after wait_idle() while the last release may still be returning") {
+  // The releasing thread is not joined before the limiter is destroyed: once wait_idle() has
+  // seen every permit back, nothing the release does afterwards may touch the limiter (ASan
+  // reports it if it does). A waiter that times out meanwhile makes the release take its
+  // wake-the-head path.
+  const auto seed = sluice_test::seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  const std::size_t rounds = sluice_test::scaled(2000);
+  for (std::size_t r = 0; r < rounds; ++r) {
+    auto l = std::make_unique<limiter>(1);
+    std::optional<limiter::permit> held = l->acquire();
+    const auto patience = std::chrono::microseconds(rng() % 30);
+    std::jthread waiter([&l, patience] { (void)l->try_acquire_for(patience); });
+    std::jthread releaser([&held] { held.reset(); });
+    waiter.join();
+    l->wait_idle();
+    l.reset();
+  }
+  SUCCEED();
 }
