@@ -11,17 +11,21 @@
 #include <sluice/deadline.hpp>
 #include <sluice/key_lock_table.hpp>
 #include <sluice/limiter.hpp>
+#include <sluice/ready_accumulator.hpp>
 #include <sluice/requeue_queue.hpp>
 #include <sluice/task_group.hpp>
 #include <sluice/testing/manual_clock.hpp>
+#include <sluice/write_behind.hpp>
 
 #include "test_support.hpp"
 
 #include <atomic>
 #include <chrono>
 #include <future>
+#include <latch>
 #include <limits>
 #include <semaphore>
+#include <span>
 #include <string>
 #include <thread>
 
@@ -182,4 +186,57 @@ TEST_CASE("nan timeouts: requeue_queue schedule and try_pop_for") {
   CHECK(real.schedule(1, 1, nan_s) == sluice::schedule_status::added);
   CHECK(real.try_pop_for(nan_s)->item == 1);
   CHECK_FALSE(real.try_pop_for(nan_s).has_value());
+}
+
+// The components that landed after the five above go through the same helper; one check each, on a
+// manual clock that is never advanced (so a NaN that meant "wait" could only end by unblocking).
+TEST_CASE("nan timeouts: write_behind try_enqueue_for / flush_for poll once") {
+  sluice::testing::manual_clock clock;
+  std::latch open{1};
+  std::atomic<bool> in_sink{false};
+  sluice::write_behind<int, void, sluice::testing::manual_clock> wb(
+      {.capacity = 1, .max_batch = 1, .linger = 0ns},
+      [&](std::span<const int>, sluice::write_behind_results&) {
+        in_sink = true;
+        open.wait();
+      },
+      clock);
+  CHECK(wb.flush_for(nan_s));  // nothing pending: done at once
+  REQUIRE(wb.try_enqueue_for(1, nan_s) == sluice::write_behind_status::ok);  // room: accepted
+  const auto give_up = std::chrono::steady_clock::now() + 10s;
+  while (!in_sink && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
+  REQUIRE(in_sink);
+  int next = 2;
+  while (next < 100 && wb.try_enqueue(next) == sluice::write_behind_status::ok) ++next;  // fill the intake
+  REQUIRE(next < 100);
+  sluice::write_behind_status status = sluice::write_behind_status::ok;
+  bool flushed = true;
+  CHECK(returns_within(
+      10s,
+      [&] {
+        status = wb.try_enqueue_for(next, nan_s);
+        flushed = wb.flush_for(nan_s);
+      },
+      [&] { open.count_down(); }));
+  CHECK(status == sluice::write_behind_status::timeout);
+  CHECK_FALSE(flushed);
+  open.count_down();  // let the sink finish; stop() in the destructor drains the rest
+}
+
+TEST_CASE("nan timeouts: ready_accumulator wait_ready_for polls once") {
+  sluice::testing::manual_clock clock;
+  sluice::ready_accumulator_options options;
+  options.batch_bytes = 100;
+  options.max_request_bytes = 1000;
+  options.buffer_bytes = 100000;
+  options.linger = 10ms;
+  sluice::ready_accumulator<int, int, int, sluice::testing::manual_clock> acc(
+      options, [](int) { return std::optional(0); }, clock);
+  sluice::ready_status status = sluice::ready_status::ready;
+  CHECK(returns_within(
+      10s, [&] { status = acc.wait_ready_for(nan_s); }, [&] { acc.close(); }));
+  CHECK(status == sluice::ready_status::timeout);
+  CHECK(returns_within(
+      10s, [&] { status = acc.wait_ready_for(neg_inf_s); }, [&] { acc.close(); }));
+  CHECK(status == sluice::ready_status::timeout);
 }
