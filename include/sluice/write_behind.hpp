@@ -561,6 +561,17 @@ class write_behind {
   }
   // A value of generation `gen` reached its end (persisted, failed or coalesced).
   void resolve_locked(std::uint64_t gen) noexcept { --gen_record(gen).outstanding; }
+  // resolve_locked() for every value of a batch (runs of one generation at a time).
+  void resolve_all_locked(const std::vector<meta>& metas) noexcept {
+    std::size_t i = 0;
+    while (i < metas.size()) {
+      const std::uint64_t gen = metas[i].gen;
+      std::size_t j = i + 1;
+      while (j < metas.size() && metas[j].gen == gen) ++j;
+      gen_record(gen).outstanding -= j - i;
+      i = j;
+    }
+  }
 
   void retire_generations_locked() noexcept {
     bool any = false;
@@ -806,6 +817,15 @@ class write_behind {
     ++batches_;
     if (b.threw) ++sink_errors_;
     std::size_t resolved_here = 0;
+    if constexpr (!keyed) {
+      if (!b.threw && !b.results.any_marked()) {  // the common case: the whole batch persisted
+        persisted_ += n;
+        resolve_all_locked(b.metas);
+        in_flight_ -= n;
+        retire_generations_locked();
+        return;
+      }
+    }
     for (std::size_t i = 0; i < n; ++i) {
       meta& m = b.metas[i];
       const std::uint32_t attempts = m.attempts + 1;

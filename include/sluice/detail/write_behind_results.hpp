@@ -66,6 +66,7 @@ class write_behind_results {
   void retry(std::size_t i, std::chrono::nanoseconds min_delay = std::chrono::nanoseconds::zero()) {
     check(i);
     outcomes_[i] = write_behind_outcome::retry;
+    marked_ = true;
     if (min_delay > min_delay.zero()) {
       if (delays_.size() != outcomes_.size()) delays_.assign(outcomes_.size(), std::chrono::nanoseconds::zero());
       delays_[i] = min_delay;
@@ -78,6 +79,7 @@ class write_behind_results {
   void fail(std::size_t i, std::string reason) {
     check(i);
     outcomes_[i] = write_behind_outcome::fail;
+    marked_ = true;
     if (reasons_.size() != outcomes_.size()) reasons_.resize(outcomes_.size());
     reasons_[i] = std::move(reason);
   }
@@ -109,8 +111,12 @@ class write_behind_results {
     return reasons_.empty() ? std::string_view{} : std::string_view(reasons_[i]);
   }
 
+  /// True if some item was marked retry or fail (it may have been set back to persisted since).
+  [[nodiscard]] bool any_marked() const noexcept { return marked_; }
+
   /// Starts a new sink call of n items, all persisted. (Used by write_behind.)
   void reset(std::size_t n) {
+    marked_ = false;
     outcomes_.assign(n, write_behind_outcome::persisted);
     delays_.clear();
     reasons_.clear();
@@ -131,6 +137,7 @@ class write_behind_results {
   std::vector<write_behind_outcome> outcomes_;
   std::vector<std::chrono::nanoseconds> delays_;  // empty until some retry carries a hint
   std::vector<std::string> reasons_;              // empty until some item fails
+  bool marked_ = false;
 };
 
 /// A snapshot of a batcher's counters (write_behind::metrics()). Counters are monotonic and
