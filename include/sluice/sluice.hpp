@@ -16,3 +16,4 @@
 #include "reconcile_pipeline.hpp"
 #include "requeue_queue.hpp"
 #include "task_group.hpp"
+#include "write_behind.hpp"
