@@ -4,9 +4,9 @@
 //
 // 252 buckets cover every value from 0 ns to 2^64 ns: values below 4 ns get one bucket each, then
 // every power of two is split into 4 equal sub-buckets, so a bucket is at most 25% wide and a
-// percentile read from it is within 25% of the true value (it reports the bucket's upper bound,
-// clamped to the largest value recorded). 2 KiB, no allocation, no locking of its own: the owner
-// records under its own lock and hands out copies.
+// percentile read from it is within 25% of the true value (interpolated linearly inside the
+// bucket, clamped to the largest value recorded). 2 KiB, no allocation, no locking of its own: the
+// owner records under its own lock and hands out copies.
 #pragma once
 
 #include <array>
@@ -47,8 +47,8 @@ class reconcile_histogram {
     return count_ == 0 ? std::chrono::nanoseconds::zero() : ns(sum_ / count_);
   }
 
-  /// The q-quantile (0 <= q <= 1; 0.5 = median, 0.99 = p99): the upper bound of the bucket holding
-  /// the ceil(q * count())-th smallest observation, clamped to max(). Zero when empty.
+  /// The q-quantile (0 <= q <= 1; 0.5 = median, 0.99 = p99): the ceil(q * count())-th smallest
+  /// observation, interpolated linearly inside its bucket, clamped to max(). Zero when empty.
   [[nodiscard]] std::chrono::nanoseconds percentile(double q) const noexcept {
     if (count_ == 0) return std::chrono::nanoseconds::zero();
     if (!(q > 0.0)) q = 0.0;
@@ -57,11 +57,15 @@ class reconcile_histogram {
     if (rank == 0) rank = 1;
     std::uint64_t seen = 0;
     for (std::size_t i = 0; i < bucket_count; ++i) {
-      seen += counts_[i];
-      if (seen >= rank) {
-        const std::uint64_t upper = i + 1 < bucket_count ? lower_bound(i + 1) - 1 : max_;
-        return ns(upper < max_ ? upper : max_);
+      if (seen + counts_[i] >= rank) {
+        const double lower = static_cast<double>(lower_bound(i));
+        const double upper = i + 1 < bucket_count ? static_cast<double>(lower_bound(i + 1)) : static_cast<double>(max_);
+        const double within = static_cast<double>(rank - seen) / static_cast<double>(counts_[i]);
+        const double v = lower + (upper - lower) * within;
+        const double top = static_cast<double>(max_);
+        return ns(static_cast<std::uint64_t>(v < top ? v : top));
       }
+      seen += counts_[i];
     }
     return ns(max_);
   }
