@@ -195,8 +195,10 @@ TEST_CASE("key_lock_table: in starvation mode every queued waiter is served befo
     held = t.try_lock(8);
     if (!held) break;
     if (served < 3) ++bypasses;
-    REQUIRE(bypasses <= key_lock_table<int>::max_bypasses);
+    if (bypasses > key_lock_table<int>::max_bypasses) break;  // checked below (a REQUIRE here
+                                                              // would leave the key held)
   }
+  CHECK(bypasses <= key_lock_table<int>::max_bypasses);
   held.reset();
   threads.clear();
   CHECK(order == std::vector<int>{0, 1, 2});
