@@ -19,11 +19,12 @@
 //    that has not queued yet.
 //  - Releasing a permit happens-before the acquire that obtains it, and before a wait_idle() that
 //    observes the limiter idle.
-//  - Acquire and release are one compare-and-swap each when no waiter is starving (no lock, no
-//    system call), also while others wait. A release makes a system call only to wake a parked
-//    waiter that nobody has woken yet (one per wake-up of the oldest waiter, not one per release),
-//    or a thread parked in wait_idle. (libstdc++'s std::counting_semaphore makes a futex call on
-//    every release from 0, waiter or not.)
+//  - Acquire and release are one compare-and-swap each (no lock, no system call), also while
+//    others wait, except when the oldest waiter must be woken or is starving: then the release
+//    takes the limiter's mutex. A release makes a system call only to wake a parked waiter that
+//    nobody has woken yet (one per wake-up of the oldest waiter, not one per release), or a thread
+//    parked in wait_idle. (libstdc++'s std::counting_semaphore makes a futex call on every release
+//    from 0, waiter or not.)
 //
 // What it never does: allocate, spin for long (a brief spin, then park), clamp a bad `max`, let a
 // free permit sit while every waiter sleeps.
