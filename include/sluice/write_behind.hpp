@@ -377,6 +377,16 @@ class write_behind {
   };
   struct no_map {};
   using entry_map = std::conditional_t<keyed, std::unordered_map<Key, entry, Hash, KeyEqual>, no_map>;
+  template <class M>
+  struct node_of {
+    using type = typename M::node_type;
+  };
+  template <class M>
+    requires std::is_same_v<M, no_map>
+  struct node_of<M> {
+    using type = no_map;
+  };
+  using spare_node = typename node_of<entry_map>::type;
 
   struct generation {
     std::uint64_t boundary;     // values with intake index < boundary belong to this or earlier gens
@@ -638,9 +648,21 @@ class write_behind {
                                           s.gen});
         return;
       }
-      auto [it, inserted] = entries_.try_emplace(std::move(*k));
+      auto it = entries_.find(*k);
+      if (it == entries_.end()) {
+        if (!spare_.empty()) {
+          // Reuse a node of a key that left: no allocation per key on the steady path.
+          auto node = std::move(spare_.back());
+          spare_.pop_back();
+          node.key() = std::move(*k);
+          node.mapped() = entry{};
+          it = entries_.insert(std::move(node)).position;
+        } else {
+          it = entries_.try_emplace(std::move(*k)).first;
+        }
+        it->second.key = &it->first;
+      }
       entry& e = it->second;
-      if (inserted) e.key = &it->first;
       if (e.pending) {
         if (e.pending->attempts > 0) --ready_retries_;
         ++coalesced_;
@@ -687,7 +709,16 @@ class write_behind {
   }
 
   void erase_entry(entry& e) noexcept {
-    if constexpr (keyed) entries_.erase(entries_.find(*e.key));
+    if constexpr (keyed) {
+      auto node = entries_.extract(entries_.find(*e.key));
+      // Keep up to max_batch nodes for the next new keys (bounded; the rest are freed).
+      if (spare_.size() < options_.max_batch) {
+        try {
+          spare_.push_back(std::move(node));
+        } catch (...) {
+        }
+      }
+    }
   }
 
   void promote_due_retries_locked(time_point now) {
@@ -1057,6 +1088,7 @@ class write_behind {
   std::vector<slot> retry_ready_;  // unkeyed: retries whose deadline has come
   std::vector<slot> scratch_;      // keyed: values just taken from the intake
   entry_map entries_;
+  std::vector<spare_node> spare_;  // keyed: extracted map nodes kept for reuse
   entry* ready_head_ = nullptr;  // keyed: FIFO of keys with a pending value and none in flight
   entry* ready_tail_ = nullptr;
   std::size_t ready_count_ = 0;
