@@ -140,16 +140,18 @@ class key_lock_table {
 
   /// Blocks until `key` is ours (bounded unfairness, see the file comment). Thread-safe. Allocates only
   /// when the shard's node pool or bucket array must grow. May block.
-  [[nodiscard]] guard lock(const Key& key) { return *acquire(key, true, std::nullopt, nullptr); }
+  [[nodiscard]] guard lock(const Key& key) { return guard(this, acquire(key, true, std::nullopt, nullptr)); }
 
   /// As lock(key), but returns nullopt if `stop` is requested while waiting. May block.
   [[nodiscard]] std::optional<guard> lock(const Key& key, std::stop_token stop) {
-    return acquire(key, !stop.stop_requested(), std::nullopt, &stop);
+    return as_guard(acquire(key, !stop.stop_requested(), std::nullopt, &stop));
   }
 
   /// Locks `key` only if it is free now and its oldest waiter (if any) has bypasses to spare;
   /// never blocks (beyond the shard mutex). Leaves no entry behind on failure.
-  [[nodiscard]] std::optional<guard> try_lock(const Key& key) { return acquire(key, false, std::nullopt, nullptr); }
+  [[nodiscard]] std::optional<guard> try_lock(const Key& key) {
+    return as_guard(acquire(key, false, std::nullopt, nullptr));
+  }
 
   /// As lock(key), giving up after `timeout`. May block.
   template <class Rep, class Period>
@@ -221,30 +223,39 @@ class key_lock_table {
 
   std::optional<guard> acquire_until(const Key& key, detail::steady_time deadline) {
     const bool may_wait = std::chrono::steady_clock::now() < deadline;
-    return acquire(key, may_wait, deadline, nullptr);
+    return as_guard(acquire(key, may_wait, deadline, nullptr));
   }
 
-  std::optional<guard> acquire(const Key& key, bool may_wait, const std::optional<detail::steady_time>& deadline,
-                               const std::stop_token* stop) {
+  std::optional<guard> as_guard(entry* e) noexcept {
+    if (e == nullptr) return std::nullopt;
+    return guard(this, e);
+  }
+
+  // The entry now held by the caller, or nullptr (busy and may not wait, timeout, cancelled).
+  // Returns a pointer, not an optional<guard>: whether or not the compiler inlines this, the
+  // uncontended lock() then passes the result in a register (returned through memory, it cost
+  // a distinct-key lock/unlock ~10 ns more when inlining went the other way).
+  entry* acquire(const Key& key, bool may_wait, const std::optional<detail::steady_time>& deadline,
+                 const std::stop_token* stop) {
     const std::uint64_t h = mixed_hash(key);  // user hash may throw: nothing changed yet
     shard_type& s = shard_for(h);
     std::unique_lock lock(s.mutex);
     entry* e = s.find(h, key, equal_);
-    if (e == nullptr) return guard(this, s.insert(h, key));  // absent: a new entry, held by us
+    if (e == nullptr) return s.insert(h, key);  // absent: a new entry, held by us
     if (!e->held && (e->waiters.empty() || e->bypasses < bypass_bound_)) {
       e->held = true;  // free: ours, even if someone is queued (a bypass, counted)
       if (!e->waiters.empty()) ++e->bypasses;
-      return guard(this, e);
+      return e;
     }
-    if (!may_wait) return std::nullopt;
+    if (!may_wait) return nullptr;
     return wait_for(s, e, lock, deadline, stop);
   }
 
   // Slow path of acquire(): queue on `e` (locked shard `s`) and wait for our turn. A separate
   // function so the uncontended path stays small enough to inline (written inline, it made a
   // distinct-key lock/unlock ~2x slower).
-  std::optional<guard> wait_for(shard_type& s, entry* e, std::unique_lock<detail::lock_table_mutex>& lock,
-                                const std::optional<detail::steady_time>& deadline, const std::stop_token* stop) {
+  entry* wait_for(shard_type& s, entry* e, std::unique_lock<detail::lock_table_mutex>& lock,
+                  const std::optional<detail::steady_time>& deadline, const std::stop_token* stop) {
     detail::handoff_waiter self;  // e cannot vanish while we are linked into it
     e->waiters.push_back(&self, e->bypasses);
     s.add_waiting(1);
@@ -269,8 +280,7 @@ class key_lock_table {
             wake_head(e);  // we may have been the head that was to take the free key
           }
         });
-    if (granted) return guard(this, e);
-    return std::nullopt;
+    return granted ? e : nullptr;
   }
 
   // Shard mutex held: unlinks `self` from e's queue and rebases the bypass count if it was the head.
