@@ -610,6 +610,7 @@ class reconcile_pipeline {
     time_point started{};  // on the Clock; read only when reconcile_timeout is set
     std::stop_source stop;
     std::stop_token token = stop.get_token();  // handed to each run by reference: no refcount traffic
+    time_point parked_until = time_point::max();  // while parked: the deadline it will wake at
     bool stop_used = false;
     bool timed_out = false;
     reconcile_reason reason = reconcile_reason::updated;
@@ -722,7 +723,7 @@ class reconcile_pipeline {
     n.deadline = deadline;
     heap_.push(deadline, id, pos_fn());
     scheduled_hint_.store(heap_.size(), std::memory_order_relaxed);  // relaxed: as in heap_erase_locked
-    if (sleeping_ > 0 && deadline < parked_max_) wake_timer = true;
+    note_deadline_locked(deadline, wake_timer);
   }
 
   void unlink_pending_locked(std::uint32_t id, node& n) noexcept {
@@ -841,8 +842,8 @@ class reconcile_pipeline {
       }
       ++m_.submitted;
       lk.unlock();
-      if (wake_timer) work_ec_.notify_all();
-      else if (wake_worker) work_ec_.notify_one();
+      // One worker suffices for a new earliest deadline: it re-parks with the heap's top.
+      if (wake_timer || wake_worker) work_ec_.notify_one();
       return submit_status::ok;
     }
   }
@@ -874,7 +875,7 @@ class reconcile_pipeline {
           if (due < n.deadline) {
             n.deadline = due;
             heap_.update(n.heap_pos, due, pos_fn());
-            if (sleeping_ > 0 && due < parked_max_) wake_timer = true;
+            note_deadline_locked(due, wake_timer);
           }
         }
       } else if (n.pend == pend_queued && new_prio != n.priority) {
@@ -1046,11 +1047,13 @@ class reconcile_pipeline {
       if (stopping_ || fault_) break;
       const std::uint32_t id = next_locked(now, stamp);
       if (id == detail::no_node) {
-        if (!spun) {
-          spin_for_work(lk);  // the next submission is often microseconds away: no futex round trip
+        if (!spun && spinning_ == 0) {
+          // The next submission is often microseconds away: one idle worker spins for it (no
+          // futex round trip); more spinners would only burn the cores the others need.
+          spin_for_work(lk);
           spun = true;
         } else {
-          park_worker_locked(lk);
+          park_worker_locked(lk, ws);
           spun = false;
         }
         read_now(false);
@@ -1085,6 +1088,10 @@ class reconcile_pipeline {
       const context ctx{*n.key, n.failures + 1, n.reason, static_cast<int>(n.priority), ws.token};
       bool wake_more = false;
       if (queued_ > 0) note_queued_locked(wake_more);
+      if (!heap_.empty()) {  // this worker may have been the timer watcher: keep one watching
+        watch_handoff_ = false;
+        note_deadline_locked(heap_.top().deadline, wake_more);
+      }
       // Submitters blocked on a full intake are woken in bunches: once a quarter has drained.
       const bool wake_space = submit_waiters_ > 0 && queued_ + waiting_ <= space_threshold_;
       const bool wake_watchdog = watchdog_untimed_;
@@ -1106,11 +1113,13 @@ class reconcile_pipeline {
 
       lk.lock();
       std::optional<dead_letter<key_type, Entity>> dead;
-      finish_locked(ws, id, res, now, stamp, local, dead);
+      bool wake_timer = false;  // a deadline earlier than every parked worker's: wake one to watch it
+      finish_locked(ws, id, res, now, stamp, local, dead, wake_timer);
       const bool notify_submit = key_waiters_ > 0;
       const bool notify_idle = idle_waiters_ > 0 && ((queued_ == 0 && running_ == 0) || slab_.live() == 0 || stopping_);
-      if (dead || notify_submit || notify_idle) {
+      if (dead || notify_submit || notify_idle || wake_timer) {
         lk.unlock();
+        if (wake_timer) work_ec_.notify_one();
         if (notify_submit) submit_ec_.notify_all();
         if (notify_idle) idle_ec_.notify_all();
         if (dead) deliver_dead_letter(std::move(*dead));
@@ -1159,7 +1168,8 @@ class reconcile_pipeline {
   // `end`: the Clock after the run (fresh when a requeue or retry needs a deadline); `stamp`: ditto
   // as a stamp.
   void finish_locked(worker_state& ws, std::uint32_t id, reconcile_result& res, time_point end, std::int64_t stamp,
-                     std::optional<Entity>& local, std::optional<dead_letter<key_type, Entity>>& dead) {
+                     std::optional<Entity>& local, std::optional<dead_letter<key_type, Entity>>& dead,
+                     bool& wake_timer) {
     node& n = slab_[id];
     n.running = false;
     --running_;
@@ -1229,12 +1239,7 @@ class reconcile_pipeline {
         n.entity.emplace(std::move(*local));
         n.reason = next_reason;
         if (delay > std::chrono::nanoseconds::zero()) {
-          bool wake_timer = false;
           schedule_locked(id, n, detail::add_ns(end, delay), wake_timer);
-          if (wake_timer) {
-            parked_max_ = time_point::min();
-            work_ec_.notify_all();  // rare: a deadline earlier than every parked worker's
-          }
         } else {
           n.ready_at = stamp;
           push_queued_locked(id, n);
@@ -1264,21 +1269,36 @@ class reconcile_pipeline {
     if (--spinning_ == 0) work_hint_.store(0, std::memory_order_relaxed);  // relaxed: as above
   }
 
-  void park_worker_locked(std::unique_lock<detail::spin_mutex>& lk) {
+  // The timer watcher: of the parked workers, one (at most, normally) parks with the earliest
+  // deadline; the others park without one. So a due requeue wakes one worker, not all of them.
+  // A new earlier deadline, or a watcher leaving to run work, hands the watch to one sleeper.
+  void note_deadline_locked(time_point deadline, bool& wake_timer) noexcept {
+    if (sleeping_ > 0 && !watch_handoff_ && (!watching_ || deadline < watch_deadline_)) {
+      wake_timer = true;
+      watch_handoff_ = true;  // until a worker parks (and takes the watch) or dispatches
+    }
+  }
+
+  void park_worker_locked(std::unique_lock<detail::spin_mutex>& lk, worker_state& ws) {
     const bool notify_idle = idle_waiters_ > 0;
     const auto key = work_ec_.prepare_wait();
     ++sleeping_;
+    watch_handoff_ = false;
     std::optional<time_point> deadline;
-    if (!heap_.empty()) deadline = heap_.top().deadline;
-    const time_point mine = deadline ? *deadline : time_point::max();
-    if (mine > parked_max_) parked_max_ = mine;
+    if (!heap_.empty() && (!watching_ || heap_.top().deadline < watch_deadline_)) {
+      deadline = heap_.top().deadline;
+      watching_ = true;
+      watch_deadline_ = *deadline;
+      ws.parked_until = *deadline;
+    }
     lk.unlock();
     if (notify_idle) idle_ec_.notify_all();
     if (deadline) clock_.wait_until(work_ec_, key, *deadline); else clock_.wait(work_ec_, key);
     lk.lock();
     --sleeping_;
     if (wakes_pending_ > 0) --wakes_pending_;
-    if (sleeping_ == 0) parked_max_ = time_point::min();
+    if (deadline && watching_ && watch_deadline_ == ws.parked_until) watching_ = false;  // it was the watcher
+    ws.parked_until = time_point::max();
   }
 
   void watchdog_main() {
@@ -1419,7 +1439,9 @@ class reconcile_pipeline {
   const bool timed_ = opts_.reconcile_timeout.has_value();
   std::atomic<std::uint32_t> work_hint_{0};  // set when work is queued while someone spins
   std::size_t wakes_pending_ = 0;  // notify_one()s not yet absorbed by a waking worker
-  time_point parked_max_ = time_point::min();  // >= every parked worker's deadline
+  bool watching_ = false;        // a parked worker waits for watch_deadline_
+  time_point watch_deadline_{};
+  bool watch_handoff_ = false;   // a worker was woken to take the watch and has not parked yet
   std::size_t submit_waiters_ = 0;  // submitters waiting for capacity
   std::size_t key_waiters_ = 0;     // submitters waiting for a key to stop running (wait strategy)
   std::size_t idle_waiters_ = 0;    // stop / drain / wait / wait_idle
