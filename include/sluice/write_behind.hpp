@@ -40,9 +40,9 @@
 //    failing sink turns into backpressure, never into growth.
 //  - A batch goes to the sink when it has max_batch values, when its oldest value has waited
 //    `linger`, when a retry is due, or at once while a flush() or stop() is in progress. Waiting is
-//    counted from when a flusher takes the value from the intake (one clock read per take, none
-//    per enqueue): at once while a flusher is idle or lingering; while every flusher is in the sink,
-//    values wait in the intake and a full batch goes as soon as one returns.
+//    counted from when a flusher takes the value from the intake, or from when the producer that
+//    woke it enqueued (one clock read per take and one per wake-up, none per enqueue). While every
+//    flusher is in the sink, values wait in the intake and a full batch goes as soon as one returns.
 //  - flush() returns once everything enqueued before the call is persisted or reported failed.
 //  - stop() closes the intake (blocked and later enqueues return closed), keeps flushing, retries
 //    included, until everything is done or drain_timeout has passed, then reports everything still
@@ -489,6 +489,11 @@ class write_behind {
     // stays visible, and without the flag every send in that window would make a system call.
     // seq_cst: the flusher clears the flag between registering and re-checking (park_locked()).
     if (wake_sent_.load(std::memory_order_seq_cst) || wake_sent_.exchange(true, std::memory_order_seq_cst)) return;
+    // The one clock read on the producer side, once per flusher sleep: what the flusher takes next
+    // counts from now, not from when it gets a core (see take_from_intake_locked()).
+    // relaxed: a hint; the flusher reads it after the wake-up, which the notify orders.
+    woken_at_.store(std::chrono::duration_cast<std::chrono::nanoseconds>(clock_.now().time_since_epoch()).count(),
+                    std::memory_order_relaxed);
     work_ec_.notify_one();
   }
 
@@ -604,6 +609,12 @@ class write_behind {
   // (and by a full batch), so the stamp is the enqueue time plus a wake-up; while every flusher is
   // in the sink, values wait in the intake unstamped and a full batch goes as soon as one returns.
   void take_from_intake_locked(batch_buffer& b, time_point now) {
+    // A producer that woke us stamped the time it enqueued: values taken now are no younger.
+    // relaxed: a hint (see wake_flusher()).
+    if (const auto w = woken_at_.exchange(no_stamp, std::memory_order_relaxed); w != no_stamp) {
+      const time_point at(std::chrono::duration_cast<typename Clock::duration>(std::chrono::nanoseconds(w)));
+      if (at < now) now = at;
+    }
     const std::size_t held = held_locked();
     const bool unlimited = stopping_ && drain_expired_;
     if (!unlimited && held >= options_.capacity) return;
@@ -1115,6 +1126,8 @@ class write_behind {
 
   alignas(detail::cache_line) std::atomic<std::size_t> wake_threshold_{1};
   std::atomic<bool> wake_sent_{false};  // a producer has woken a parked flusher (see wake_flusher())
+  static constexpr std::int64_t no_stamp = std::numeric_limits<std::int64_t>::min();
+  std::atomic<std::int64_t> woken_at_{no_stamp};  // when the waking producer enqueued (ns since epoch)
   alignas(detail::cache_line) detail::event_count work_ec_;   // flushers park here
   alignas(detail::cache_line) detail::event_count space_ec_;  // producers wait for room here
   alignas(detail::cache_line) detail::event_count done_ec_;   // flush() waits here
