@@ -12,9 +12,14 @@
 // Requirements: as ready_accumulator (Partition/Destination hashable, Record nothrow
 // move-constructible); `size_of(record)` gives a record's bytes; `destination_of(partition)` is
 // called from sender threads and completions (not under any pipeline lock other than the
-// accumulator's). The sink must complete every request it was given (complete(), possibly from
+// accumulator's). The sink should complete every request it was given (complete(), possibly from
 // another thread), with `timed_out` when the answer never came; a request destroyed uncompleted
-// counts as timed_out, one left untouched after the sink returns as not_sent.
+// counts as timed_out, one left untouched after the sink returns as not_sent. A request still
+// unanswered request_timeout after it was handed over is abandoned by the pipeline: its records
+// are reported failed (delivery_timeout, possibly persisted; the pipeline cannot resend records
+// the sink still holds), its partitions are free again, and the sink's late complete() is a
+// no-op; the request's accessors stay valid for as long as the sink holds it, even past the
+// pipeline's destruction.
 //
 // Guarantees:
 // - Exactly once: each accepted record carries a final state that is set once (the envelope's
@@ -28,7 +33,9 @@
 // - The budget is delivery_timeout from send (>= linger + request_timeout, validated), and
 //   optionally retry_backoff.max_retries.
 // - stop(), drain() and the destructor are idempotent and thread-safe; nothing accepted vanishes:
-//   what is not delivered is reported failed with `shutdown`. When quiescent, accepted = delivered
+//   what is not delivered is reported failed with `shutdown`. They never wait longer than
+//   request_timeout for an unanswered request; drain_for/_until abandon requests still in flight
+//   at their deadline (`shutdown`, possibly persisted). When quiescent, accepted = delivered
 //   + failed + pending exactly (metrics()).
 // - User callbacks (delivery, sink, lookup) may throw: counted, never fatal. A throwing sink
 //   fails the request as retriable.
@@ -53,6 +60,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <list>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <random>
@@ -68,6 +77,7 @@
 #include "backoff.hpp"
 #include "clock.hpp"
 #include "detail/event_count.hpp"
+#include "key.hpp"
 #include "ready_accumulator.hpp"
 
 namespace sluice {
@@ -151,8 +161,9 @@ class latency_histogram {
 struct dispatch_pipeline_options {
   /// Batching, buffer and linger; delivery_timeout defaults to Kafka's 120 s when unset.
   ready_accumulator_options accumulator{};
-  /// How long a sink waits for an answer before reporting timed_out; only validated here
-  /// (delivery_timeout >= linger + request_timeout, as Kafka requires). > 0.
+  /// How long a request may stay unanswered: then the pipeline abandons it (its records fail with
+  /// delivery_timeout, possibly persisted). delivery_timeout >= linger + request_timeout, as Kafka
+  /// requires. > 0.
   std::chrono::nanoseconds request_timeout = std::chrono::seconds(30);
   std::size_t max_in_flight_per_destination = 5;  ///< >= 1
   std::size_t sender_threads = 1;                 ///< >= 1
@@ -186,10 +197,23 @@ struct dispatch_metrics {
 };
 
 template <class Partition, class Record, class Destination, clock_source Clock = steady_clock,
-          class Hash = std::hash<Partition>, class KeyEqual = std::equal_to<Partition>,
-          class DestHash = std::hash<Destination>, class DestEqual = std::equal_to<Destination>>
-  requires hashable_key<Partition, Hash, KeyEqual> && hashable_key<Destination, DestHash, DestEqual>
+          class UserHash = std::hash<Partition>, class UserKeyEqual = std::equal_to<Partition>,
+          class UserDestHash = std::hash<Destination>, class UserDestEqual = std::equal_to<Destination>>
 class dispatch_pipeline {
+  static_assert(hashable_key<Partition, UserHash, UserKeyEqual>,
+                "sluice::dispatch_pipeline<Partition, Record, Destination>: Partition must be copyable, hashable and "
+                "equality-comparable: give it a std::hash<Partition> specialisation and operator==, or pass "
+                "Hash / KeyEqual (see sluice::hashable_key in <sluice/key.hpp>)");
+  static_assert(hashable_key<Destination, UserDestHash, UserDestEqual>,
+                "sluice::dispatch_pipeline<Partition, Record, Destination>: Destination must be copyable, hashable and "
+                "equality-comparable: give it a std::hash<Destination> specialisation and operator==, or pass "
+                "DestHash / DestEqual (see sluice::hashable_key in <sluice/key.hpp>)");
+  // The hash and equality used below: the caller's, or stand-ins when an assertion above fails (so
+  // that it is the only error).
+  using Hash = detail::checked_hash<Partition, UserHash, UserKeyEqual>;
+  using KeyEqual = detail::checked_key_equal<Partition, UserHash, UserKeyEqual>;
+  using DestHash = detail::checked_hash<Destination, UserDestHash, UserDestEqual>;
+  using DestEqual = detail::checked_key_equal<Destination, UserDestHash, UserDestEqual>;
  public:
   using time_point = typename Clock::time_point;
   using send_status = append_status;
@@ -214,50 +238,70 @@ class dispatch_pipeline {
   using acc_t = ready_accumulator<Partition, envelope, Destination, Clock, Hash, KeyEqual, DestHash, DestEqual>;
   using handle = typename acc_t::batch_handle;
 
+  // One request's shared state: the sink's `request` and the pipeline's in-flight list both own it.
+  // Whoever sets `claimed` first settles it: the sink's complete(), or the pipeline when
+  // request_timeout passed (or at shutdown); the other side's attempt is then a no-op.
+  struct flight;
+  using flight_list = std::list<std::shared_ptr<flight>>;
+  struct flight {
+    flight(dispatch_pipeline* p, const Destination& d, std::vector<handle>&& b)
+        : pipe(p), dest(d), batches(std::move(b)), results(batches.size()) {}
+    std::shared_ptr<acc_t> keep;  // set when the pipeline abandoned it: the handles may outlive the pipeline
+    dispatch_pipeline* pipe;
+    Destination dest;
+    std::vector<handle> batches;  // destroyed before `keep`
+    std::vector<std::optional<send_result>> results;
+    time_point started{};
+    time_point deadline{};  // started + request_timeout
+    typename flight_list::iterator pos{};  // in the pipeline's flights_ while `linked` (its mutex_)
+    bool linked = false;
+    std::atomic<bool> claimed{false};
+  };
+
  public:
   /// One request to one destination, handed to the sink. Move-only; complete it exactly once,
   /// from any thread. Records of batch i: records(i); per-batch results with set_result().
   class request {
    public:
-    request(request&& o) noexcept
-        : pipe_(std::exchange(o.pipe_, nullptr)), dest_(std::move(o.dest_)), batches_(std::move(o.batches_)),
-          results_(std::move(o.results_)), started_(o.started_) {}
+    request(request&& o) noexcept : f_(std::move(o.f_)) {}
     request& operator=(request&&) = delete;
     request(const request&) = delete;
     ~request() {
-      if (pipe_ != nullptr) complete(send_result::timed_out);
+      if (f_ != nullptr) complete(send_result::timed_out);
     }
-    [[nodiscard]] bool owns() const noexcept { return pipe_ != nullptr; }
+    /// Whether this handle still has to be completed (false once moved from or completed).
+    [[nodiscard]] bool owns() const noexcept { return f_ != nullptr; }
     explicit operator bool() const noexcept { return owns(); }
-    [[nodiscard]] const Destination& destination() const noexcept { return dest_; }
-    [[nodiscard]] std::size_t size() const noexcept { return batches_.size(); }
-    [[nodiscard]] const Partition& partition(std::size_t i) const noexcept { return batches_[i].partition(); }
-    [[nodiscard]] std::size_t bytes(std::size_t i) const noexcept { return batches_[i].bytes(); }
-    [[nodiscard]] std::size_t record_count(std::size_t i) const noexcept { return batches_[i].records().size(); }
+    /// The accessors stay valid while this handle owns the request, even after the pipeline
+    /// abandoned it at request_timeout (or was destroyed).
+    [[nodiscard]] const Destination& destination() const noexcept { return f_->dest; }
+    [[nodiscard]] std::size_t size() const noexcept { return f_->batches.size(); }
+    [[nodiscard]] const Partition& partition(std::size_t i) const noexcept { return f_->batches[i].partition(); }
+    [[nodiscard]] std::size_t bytes(std::size_t i) const noexcept { return f_->batches[i].bytes(); }
+    [[nodiscard]] std::size_t record_count(std::size_t i) const noexcept { return f_->batches[i].records().size(); }
     [[nodiscard]] const Record& record(std::size_t i, std::size_t j) const noexcept {
-      return batches_[i].records()[j].record;
+      return f_->batches[i].records()[j].record;
     }
     /// Sets batch i's result (default: the one passed to complete()).
-    void set_result(std::size_t i, send_result r) noexcept { results_[i] = r; }
+    void set_result(std::size_t i, send_result r) noexcept { f_->results[i] = r; }
     /// Finishes the request: batches without a result of their own get `rest`. Thread-safe with
-    /// respect to the pipeline; call once. Runs delivery callbacks on the calling thread.
+    /// respect to the pipeline; call once. Runs delivery callbacks on the calling thread. A no-op
+    /// for the records if the pipeline already gave up on the request (request_timeout, shutdown).
     void complete(send_result rest = send_result::ok) noexcept {
-      if (pipe_ == nullptr) return;
-      for (auto& r : results_) {
+      if (f_ == nullptr) return;
+      const std::shared_ptr<flight> f = std::move(f_);
+      // acq_rel: the winner of `claimed` settles the batches; pairs with abandon_flights().
+      if (f->claimed.exchange(true, std::memory_order_acq_rel)) return;
+      for (auto& r : f->results) {
         if (!r) r = rest;
       }
-      std::exchange(pipe_, nullptr)->finish(*this);
+      f->pipe->finish(*f);
     }
 
    private:
     friend class dispatch_pipeline;
-    request(dispatch_pipeline* p, const Destination& d, std::vector<handle>&& b, time_point t)
-        : pipe_(p), dest_(d), batches_(std::move(b)), results_(batches_.size()), started_(t) {}
-    dispatch_pipeline* pipe_;
-    Destination dest_;
-    std::vector<handle> batches_;
-    std::vector<std::optional<send_result>> results_;
-    time_point started_;
+    explicit request(std::shared_ptr<flight> f) noexcept : f_(std::move(f)) {}
+    std::shared_ptr<flight> f_;
   };
   using sink_function = std::function<void(request&&)>;
 
@@ -271,7 +315,8 @@ class dispatch_pipeline {
         size_of_(std::move(size_of)),
         on_delivery_(std::move(on_delivery)),
         clock_(clock),
-        acc_(options_.accumulator, [this](const Partition& p) { return lookup(p); }, clock),
+        acc_owner_(std::make_shared<acc_t>(options_.accumulator, [this](const Partition& p) { return lookup(p); }, clock)),
+        acc_(*acc_owner_),
         rng_(std::random_device{}()) {
     if (!sink_) throw std::invalid_argument("sluice::dispatch_pipeline: sink must be callable");
     if (!size_of_) throw std::invalid_argument("sluice::dispatch_pipeline: size_of must be callable");
@@ -350,9 +395,13 @@ class dispatch_pipeline {
   }
   bool drain_until(time_point deadline) { return drain_impl(&deadline); }
 
-  /// Stops accepting and stops the senders; waits for in-flight requests to complete, reports
-  /// everything else `shutdown`. Idempotent; thread-safe; not from a callback or the sink.
-  void stop() {
+  /// Stops accepting and stops the senders; waits for in-flight requests to complete (each at most
+  /// until its request_timeout, then abandoned), reports everything else `shutdown`. Idempotent;
+  /// thread-safe; not from a callback or the sink.
+  void stop() { stop_impl(false); }
+
+ private:
+  void stop_impl(bool abandon_now) {
     std::lock_guard once(stop_mutex_);
     if (stopped_) return;
     // relaxed: completions re-check under the same conditions after the senders are joined; the
@@ -364,11 +413,69 @@ class dispatch_pipeline {
       if (t.joinable()) t.join();
     }
     fail_pending(failure_reason::shutdown);
-    wait_pipeline([&] { return in_flight_.load(std::memory_order_acquire) == 0; }, nullptr);
+    // Requests in flight: awaited until their request_timeout, then abandoned (their records
+    // reported possibly persisted); with abandon_now (drain past its deadline) abandoned at once.
+    for (;;) {
+      const auto due = abandon_flights(abandon_now, abandon_now ? failure_reason::shutdown
+                                                                : failure_reason::delivery_timeout);
+      if (wait_pipeline([&] { return in_flight_.load(std::memory_order_acquire) == 0; }, due ? &*due : nullptr)) break;
+    }
     fail_pending(failure_reason::shutdown);
     stopped_ = true;
   }
 
+  // Abandons the requests whose request_timeout passed (all: every request in flight): their
+  // records are reported `reason`, possibly persisted, their partitions are free again, and a
+  // later complete() from the sink is a no-op (the sink's handle keeps the records readable).
+  // Returns the deadline of the oldest request still in flight.
+  std::optional<time_point> abandon_flights(bool all, failure_reason reason) noexcept {
+    // acquire: a linked flight is counted in in_flight_ until it is unlinked, so 0 means none.
+    if (in_flight_.load(std::memory_order_acquire) == 0) return std::nullopt;
+    std::vector<std::shared_ptr<flight>> due;
+    std::optional<time_point> next;
+    bool wake = false;
+    {
+      std::lock_guard lock(mutex_);
+      if (flights_.empty()) return std::nullopt;
+      const time_point now = clock_.now();
+      try {
+        due.reserve(flights_.size());
+      } catch (...) {
+        return flights_.front()->deadline;  // out of memory: try again at the next wake-up
+      }
+      while (!flights_.empty() && (all || flights_.front()->deadline <= now)) {
+        std::shared_ptr<flight> f = std::move(flights_.front());
+        flights_.pop_front();
+        f->linked = false;
+        // acq_rel: pairs with request::complete(); the loser leaves the batches alone.
+        if (f->claimed.exchange(true, std::memory_order_acq_rel)) continue;  // the sink is completing it
+        auto it = dest_in_flight_.find(f->dest);
+        if (it != dest_in_flight_.end()) {
+          wake = wake || it->second >= options_.max_in_flight_per_destination;
+          if (--it->second == 0) dest_in_flight_.erase(it);
+        }
+        f->keep = acc_owner_;
+        due.push_back(std::move(f));  // reserved: does not throw
+      }
+      if (!flights_.empty()) next = flights_.front()->deadline;
+    }
+    for (auto& f : due) abandon_one(*f, reason);
+    if (wake) acc_.wake();
+    if (!due.empty()) idle_ec_.notify_all();
+    return next;
+  }
+
+  void abandon_one(flight& f, failure_reason reason) noexcept {
+    for (handle& b : f.batches) {
+      for (envelope& e : b.records()) e.possibly = true;  // sent, and the answer never came
+      fail_batch(b, reason, settle_mode::detach);
+    }
+    // release: pairs with the acquire in stop(): the batches above are settled.
+    in_flight_.fetch_sub(1, std::memory_order_release);
+  }
+
+
+ public:
   /// Counters and histograms. Thread-safe.
   [[nodiscard]] dispatch_metrics metrics() const {
     dispatch_metrics m;
@@ -463,7 +570,9 @@ class dispatch_pipeline {
     if (n > 0) failed_[static_cast<std::size_t>(reason)].fetch_add(n, std::memory_order_relaxed);
   }
 
-  void fail_batch(handle& b, failure_reason reason, bool settle_failed) noexcept {
+  enum class settle_mode : std::uint8_t { drop, fail, detach };  // handle already settled / fail() / fail_detached()
+
+  void fail_batch(handle& b, failure_reason reason, settle_mode mode) noexcept {
     const Partition partition = b.partition();
     std::uint64_t n = 0;
     for (envelope& e : b.records()) {
@@ -471,7 +580,13 @@ class dispatch_pipeline {
                                      e.retries});
     }
     count_failed(reason, n);
-    if (settle_failed) acc_.fail(std::move(b)); else b = handle{};
+    if (mode == settle_mode::fail) {
+      acc_.fail(std::move(b));
+    } else if (mode == settle_mode::detach) {
+      acc_.fail_detached(b);  // the sink may still read the records: b keeps them
+    } else {
+      b = handle{};
+    }
     if (options_.gapless && reason != failure_reason::shutdown) {
       std::vector<handle> rest;
       try {
@@ -489,7 +604,7 @@ class dispatch_pipeline {
   void fail_pending(failure_reason reason) {
     std::vector<handle> rest;
     acc_.take_pending(rest);
-    for (handle& h : rest) fail_batch(h, reason, false);
+    for (handle& h : rest) fail_batch(h, reason, settle_mode::drop);
     idle_ec_.notify_all();
   }
 
@@ -506,13 +621,13 @@ class dispatch_pipeline {
   }
 
   // Completion of a request (any thread, once).
-  void finish(request& rq) noexcept {
+  void finish(flight& rq) noexcept {
     const time_point now = clock_.now();
-    request_latency_.record(std::chrono::duration_cast<std::chrono::nanoseconds>(now - rq.started_));
+    request_latency_.record(std::chrono::duration_cast<std::chrono::nanoseconds>(now - rq.started));
     const bool stopping = stopping_.load(std::memory_order_relaxed);  // relaxed: see stop()
-    for (std::size_t i = 0; i < rq.batches_.size(); ++i) {
-      handle& b = rq.batches_[i];
-      const send_result r = *rq.results_[i];
+    for (std::size_t i = 0; i < rq.batches.size(); ++i) {
+      handle& b = rq.batches[i];
+      const send_result r = *rq.results[i];
       switch (r) {
         case send_result::ok: {
           // Queue time from the batch's first append: an upper bound for its later records, and
@@ -524,10 +639,10 @@ class dispatch_pipeline {
           break;  // settled below, with the request's other delivered batches, under one lock
         }
         case send_result::permanent:
-          fail_batch(b, failure_reason::permanent_error, true);
+          fail_batch(b, failure_reason::permanent_error, settle_mode::fail);
           break;
         case send_result::too_large:
-          fail_batch(b, failure_reason::too_large, true);
+          fail_batch(b, failure_reason::too_large, settle_mode::fail);
           break;
         case send_result::retriable:
         case send_result::timed_out:
@@ -540,32 +655,33 @@ class dispatch_pipeline {
             if (r == send_result::timed_out) e.possibly = true;
           }
           if (stopping) {
-            fail_batch(b, failure_reason::shutdown, true);
+            fail_batch(b, failure_reason::shutdown, settle_mode::fail);
             break;
           }
           const auto& max = options_.retry_backoff.max_retries;
           if (counts && max && retries > *max) {
-            fail_batch(b, failure_reason::retries_exhausted, true);
+            fail_batch(b, failure_reason::retries_exhausted, settle_mode::fail);
             break;
           }
           std::chrono::nanoseconds delay = counts ? retry_delay(retries) : std::chrono::nanoseconds::zero();
           const auto now_dest = lookup(b.partition());
-          if (now_dest && !DestEqual{}(*now_dest, rq.dest_)) delay = std::chrono::nanoseconds::zero();  // leader moved
+          if (now_dest && !DestEqual{}(*now_dest, rq.dest)) delay = std::chrono::nanoseconds::zero();  // leader moved
           retried_.fetch_add(b.records().size(), std::memory_order_relaxed);  // relaxed: statistic
           try {
             acc_.reenqueue(std::move(b), delay);
           } catch (...) {
-            fail_batch(b, failure_reason::retries_exhausted, true);  // out of memory for the backoff entry
+            fail_batch(b, failure_reason::retries_exhausted, settle_mode::fail);  // out of memory for the backoff entry
           }
           break;
         }
       }
     }
-    acc_.complete(std::span<handle>(rq.batches_));  // the delivered ones (the others were moved out)
+    acc_.complete(std::span<handle>(rq.batches));  // the delivered ones (the others were moved out)
     bool was_full = false;
     {
       std::lock_guard lock(mutex_);
-      auto it = dest_in_flight_.find(rq.dest_);
+      if (std::exchange(rq.linked, false)) flights_.erase(rq.pos);
+      auto it = dest_in_flight_.find(rq.dest);
       if (it != dest_in_flight_.end()) {
         was_full = it->second >= options_.max_in_flight_per_destination;
         if (--it->second == 0) dest_in_flight_.erase(it);
@@ -581,12 +697,15 @@ class dispatch_pipeline {
     typename acc_t::ready_result r;
     std::vector<handle> batches;
     while (!st.stop_requested()) {
-      const ready_status s = acc_.wait_ready(st);
+      // The oldest unanswered request bounds the wait: at its deadline it is abandoned.
+      const std::optional<time_point> due = abandon_flights(false, failure_reason::delivery_timeout);
+      const ready_status s = due ? acc_.wait_ready_until(*due, st) : acc_.wait_ready(st);
       if (s == ready_status::cancelled) break;
+      if (s == ready_status::timeout) continue;
       if (s == ready_status::closed) {
         // Closed and empty: only a completion putting a batch back can bring work now.
-        wait_pipeline([&] { return st.stop_requested() || acc_.has_pending_work() || in_flight_.load() == 0; }, nullptr,
-                      &st);
+        wait_pipeline([&] { return st.stop_requested() || acc_.has_pending_work() || in_flight_.load() == 0; },
+                      due ? &*due : nullptr, &st);
         if (!acc_.has_pending_work() && in_flight_.load() == 0) {
           idle_ec_.notify_all();
           wait_pipeline([&] { return st.stop_requested() || acc_.has_pending_work(); }, nullptr, &st);
@@ -597,7 +716,7 @@ class dispatch_pipeline {
       if (r.expiry_due) {
         batches.clear();
         acc_.expire(batches);
-        for (handle& h : batches) fail_batch(h, failure_reason::delivery_timeout, false);
+        for (handle& h : batches) fail_batch(h, failure_reason::delivery_timeout, settle_mode::drop);
         batches.clear();
         idle_ec_.notify_all();
       }
@@ -628,8 +747,17 @@ class dispatch_pipeline {
       }
       requests_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistics
       batches_.fetch_add(batches.size(), std::memory_order_relaxed);
-      request rq(this, d, std::move(batches), clock_.now());
+      auto f = std::make_shared<flight>(this, d, std::move(batches));
       batches = std::vector<handle>();
+      {
+        std::lock_guard lock(mutex_);
+        // Read under the lock, so flights_ is in deadline order (the clock is monotonic).
+        f->started = clock_.now();
+        f->deadline = detail::saturating_add(f->started, options_.request_timeout);
+        f->pos = flights_.insert(flights_.end(), f);
+        f->linked = true;
+      }
+      request rq(std::move(f));
       try {
         sink_(std::move(rq));
         if (rq.owns()) rq.complete(send_result::not_sent);  // the sink neither completed nor kept it
@@ -683,7 +811,7 @@ class dispatch_pipeline {
   bool drain_impl(const time_point* deadline) {
     acc_.close();  // refuse new records; the senders keep going (close seals every open batch)
     const bool ok = wait_pipeline([&] { return quiescent(); }, deadline);
-    stop();
+    stop_impl(!ok);  // past the deadline: requests still in flight are abandoned at once
     return ok;
   }
 
@@ -693,11 +821,15 @@ class dispatch_pipeline {
   const size_function size_of_;
   const delivery_callback on_delivery_;
   Clock clock_;
-  acc_t acc_;
+  // Shared so that requests the pipeline abandoned (their sink still holds them) keep the
+  // accumulator their batch handles point into alive past the pipeline.
+  std::shared_ptr<acc_t> acc_owner_;
+  acc_t& acc_;
   std::mutex rng_mutex_;
   std::mt19937_64 rng_;
   std::mutex mutex_;  // dest_in_flight_
   std::unordered_map<Destination, std::size_t, DestHash, DestEqual> dest_in_flight_;
+  flight_list flights_;  // requests handed to the sink and not settled, oldest first
   std::atomic<std::uint64_t> delivered_{0}, retried_{0}, batches_{0}, requests_{0}, in_flight_{0};
   std::atomic<std::uint64_t> callback_errors_{0}, sink_errors_{0}, unknown_{0};
   std::array<std::atomic<std::uint64_t>, failure_reason_count> failed_{};

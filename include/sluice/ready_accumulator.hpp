@@ -133,10 +133,23 @@ struct ready_accumulator_stats {
 };
 
 template <class Partition, class Record, class Destination, clock_source Clock = steady_clock,
-          class Hash = std::hash<Partition>, class KeyEqual = std::equal_to<Partition>,
-          class DestHash = std::hash<Destination>, class DestEqual = std::equal_to<Destination>>
-  requires hashable_key<Partition, Hash, KeyEqual> && hashable_key<Destination, DestHash, DestEqual>
+          class UserHash = std::hash<Partition>, class UserKeyEqual = std::equal_to<Partition>,
+          class UserDestHash = std::hash<Destination>, class UserDestEqual = std::equal_to<Destination>>
 class ready_accumulator {
+  static_assert(hashable_key<Partition, UserHash, UserKeyEqual>,
+                "sluice::ready_accumulator<Partition, Record, Destination>: Partition must be copyable, hashable and "
+                "equality-comparable: give it a std::hash<Partition> specialisation and operator==, or pass "
+                "Hash / KeyEqual (see sluice::hashable_key in <sluice/key.hpp>)");
+  static_assert(hashable_key<Destination, UserDestHash, UserDestEqual>,
+                "sluice::ready_accumulator<Partition, Record, Destination>: Destination must be copyable, hashable and "
+                "equality-comparable: give it a std::hash<Destination> specialisation and operator==, or pass "
+                "DestHash / DestEqual (see sluice::hashable_key in <sluice/key.hpp>)");
+  // The hash and equality used below: the caller's, or stand-ins when an assertion above fails (so
+  // that it is the only error).
+  using Hash = detail::checked_hash<Partition, UserHash, UserKeyEqual>;
+  using KeyEqual = detail::checked_key_equal<Partition, UserHash, UserKeyEqual>;
+  using DestHash = detail::checked_hash<Destination, UserDestHash, UserDestEqual>;
+  using DestEqual = detail::checked_key_equal<Destination, UserDestHash, UserDestEqual>;
   static_assert(std::is_nothrow_move_constructible_v<Record>,
                 "sluice::ready_accumulator: Record must be nothrow move-constructible");
   struct batch_node;
@@ -392,6 +405,9 @@ class ready_accumulator {
     return wait_impl(&deadline, nullptr);
   }
   [[nodiscard]] ready_status wait_ready_until(time_point deadline) { return wait_impl(&deadline, nullptr); }
+  [[nodiscard]] ready_status wait_ready_until(time_point deadline, std::stop_token stop) {
+    return wait_impl(&deadline, &stop);
+  }
 
   /// Makes a waiting (or the next) wait_ready() return `ready` (for the caller's own events, e.g.
   /// in-flight capacity freed). Thread-safe. Never blocks.
@@ -488,6 +504,25 @@ class ready_accumulator {
   }
   /// Settles a drained batch as failed for good (its records count as failed). Thread-safe.
   void fail(batch_handle&& b) noexcept { settle_handle(b, outcome::failed); }
+  /// Settles a drained batch as failed now (counted failed, its buffer memory and its mute
+  /// released, its partition free to send again) but leaves `b` owning the records, readable until
+  /// `b` is destroyed (for a request another thread still reads). The accumulator must outlive `b`.
+  /// Precondition: b.in_flight(). Thread-safe.
+  void fail_detached(batch_handle& b) noexcept {
+    if (b.node_ == nullptr) return;
+    bool wake_space = false;
+    bool wake_sender = false;
+    {
+      std::lock_guard lock(mutex_);
+      if (b.node_->st == state::in_flight) {
+        wake_space = account_in_flight_locked(b.node_, outcome::failed);
+        b.node_->st = state::settled;  // counted; the node returns to the pool with the handle
+      }
+      wake_sender = std::exchange(need_wake_, false);
+    }
+    if (wake_space) space_ec_.notify_all();
+    if (wake_sender) sender_ec_.notify_all();
+  }
 
   /// Puts a drained batch back at the front of its partition (ahead of newer batches; several in
   /// their original order), sendable again after `backoff` (<= 0: at once). A batch past its
@@ -1354,8 +1389,23 @@ class ready_accumulator {
 
   // Returns whether blocked appenders should look at the buffer again.
   bool release_locked(batch_node* n, outcome o) noexcept {
+    const bool wake_space = n->st == state::in_flight && account_in_flight_locked(n, o);
+    n->records.clear();
+    n->st = state::free;
+    ++n->gen;
+    try {
+      free_nodes_.push_back(n);
+    } catch (...) {
+      // keep the node allocated but unused; it is still owned by nodes_
+    }
+    return wake_space;
+  }
+
+  // Counts an in-flight batch's records as settled (delivered or failed), frees its buffer memory
+  // and its mute. Returns whether blocked appenders should look at the buffer again.
+  bool account_in_flight_locked(batch_node* n, outcome o) noexcept {
     bool wake_space = false;
-    if (n->st == state::in_flight) {
+    {
       const auto k = n->records.size();
       in_flight_records_ -= k;
       (o == outcome::delivered ? delivered_ : failed_) += k;
@@ -1373,14 +1423,6 @@ class ready_accumulator {
           }
         }
       }
-    }
-    n->records.clear();
-    n->st = state::free;
-    ++n->gen;
-    try {
-      free_nodes_.push_back(n);
-    } catch (...) {
-      // keep the node allocated but unused; it is still owned by nodes_
     }
     return wake_space;
   }
