@@ -780,3 +780,54 @@ TEST_CASE("write_behind: a retrying key never blocks other keys, and 100k distin
   CHECK(shutdown_reports == 1);
   check_balanced(wb.metrics());
 }
+
+// r2-review F1 (/work/review/r2/f1_hash_throws.cpp): a throwing user Hash terminated the process
+// from a flusher thread. Now the value whose key cannot be looked up is reported permanent.
+namespace {
+struct picky_hash {
+  std::size_t operator()(int k) const {
+    if (k == 13) throw 42;  // not a std::exception: any type
+    return std::hash<int>{}(k);
+  }
+};
+}  // namespace
+
+TEST_CASE("write_behind: a throwing Hash reports the value as permanent instead of killing the flusher") {
+  recorder<kv> rec;
+  failure_log failures;
+  sluice::write_behind_options<kv, int> o{.capacity = 16, .max_batch = 16, .linger = 0ns};
+  o.on_failed = [&](kv&& v, const sluice::write_behind_failure& f) { failures.add(v.version, f); };
+  sluice::write_behind<kv, int, sluice::steady_clock, picky_hash> wb(o, sink_of(rec));
+  REQUIRE(wb.enqueue(kv{1, 1}) == write_behind_status::ok);
+  REQUIRE(wb.enqueue(kv{13, 2}) == write_behind_status::ok);
+  REQUIRE(wb.enqueue(kv{2, 3}) == write_behind_status::ok);
+  wb.flush();
+  REQUIRE(failures.size() == 1);
+  CHECK(failures.items[0].first == 2);
+  CHECK(failures.items[0].second.reason == write_behind_reason::permanent);
+  CHECK(failures.items[0].second.message.find("key lookup threw") != std::string::npos);
+  CHECK(rec.values() == 2);
+  REQUIRE(wb.enqueue(kv{13, 4}) == write_behind_status::ok);  // the flusher is still alive
+  REQUIRE(wb.enqueue(kv{3, 5}) == write_behind_status::ok);
+  wb.flush();
+  CHECK(failures.size() == 2);
+  CHECK(rec.values() == 3);
+  check_balanced(wb.metrics());
+}
+
+// r2-review F2 (/work/review/r2/f2_move_assign.cpp): a refused enqueue moves the value back with
+// T's move assignment from a noexcept function; a throwing one terminated. Such a T is now refused
+// at compile time (static_assert), so the reproducer's type no longer compiles.
+namespace {
+struct throwing_assign {
+  int v = 0;
+  throwing_assign() = default;
+  throwing_assign(throwing_assign&& o) noexcept : v(o.v) {}
+  throwing_assign& operator=(throwing_assign&& o) {  // may throw
+    v = o.v;
+    return *this;
+  }
+};
+}  // namespace
+static_assert(!std::is_nothrow_move_assignable_v<throwing_assign>);
+static_assert(std::is_nothrow_move_assignable_v<kv>);

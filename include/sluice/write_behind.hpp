@@ -18,8 +18,9 @@
 //                              value of k was: a retry of an old value is superseded, not replayed.
 //                              The key is options.key_of(value), or value.key if key_of is empty.
 //
-// Requirements: T nothrow-move-constructible, move-assignable, nothrow-destructible. Key (keyed)
-// satisfies sluice::hashable_key<Key, Hash, KeyEqual>. Clock satisfies sluice::clock_source.
+// Requirements: T nothrow-move-constructible, nothrow-move-assignable, nothrow-destructible. Key
+// (keyed) satisfies sluice::hashable_key<Key, Hash, KeyEqual>; Hash, KeyEqual and Key's copy may
+// throw: a value whose key cannot be hashed, compared or copied goes to on_failed (permanent). Clock satisfies sluice::clock_source.
 // The sink is callable as sink(std::span<const T>, write_behind_results&) or, for a sink that
 // never fails an item, sink(std::span<const T>). It runs on a flusher thread; with flushers > 1
 // several calls run at once (on disjoint keys in keyed mode). It may throw anything: the whole batch
@@ -136,17 +137,54 @@ struct is_std_function<std::function<R(A...)>> : std::true_type {};
 
 template <class T, class Key = void, clock_source Clock = steady_clock, class Hash = std::hash<Key>,
           class KeyEqual = std::equal_to<Key>>
-  requires(std::is_void_v<Key> || hashable_key<Key, Hash, KeyEqual>)
 class write_behind {
   static_assert(std::is_object_v<T> && !std::is_const_v<T> && !std::is_array_v<T>,
                 "sluice::write_behind<T>: T must be a non-const, non-array object type");
-  static_assert(std::is_nothrow_move_constructible_v<T>,
-                "sluice::write_behind<T>: T must be nothrow move-constructible (mark its move constructor noexcept)");
-  static_assert(std::is_move_assignable_v<T>,
+  // One message per case (a type that cannot move at all is not told to mark a move noexcept).
+  static_assert(!std::is_object_v<T> || std::is_move_constructible_v<T>,
+                "sluice::write_behind<T>: T can be neither moved nor copied (std::mutex, for example), and values "
+                "are moved into the batcher and back to the caller: enqueue a std::unique_ptr<T> instead");
+  static_assert(!std::is_move_constructible_v<T> || std::is_nothrow_move_constructible_v<T>,
+                "sluice::write_behind<T>: T's move constructor (or, if it has none, its copy constructor) may "
+                "throw, which could lose a value halfway through an enqueue: mark the move constructor "
+                "noexcept, or enqueue a std::unique_ptr<T> instead");
+  static_assert(!std::is_move_constructible_v<T> || std::is_move_assignable_v<T>,
                 "sluice::write_behind<T>: T must be move-assignable (a refused value is moved back to the caller)");
-  static_assert(std::is_nothrow_destructible_v<T>, "sluice::write_behind<T>: T's destructor must not throw");
+  static_assert(!std::is_move_constructible_v<T> || !std::is_move_assignable_v<T> ||
+                    std::is_nothrow_move_assignable_v<T>,
+                "sluice::write_behind<T>: T's move assignment (or, if it has none, its copy assignment) may throw, "
+                "and a refused value is moved back to the caller with it: mark the move assignment noexcept");
+  static_assert(std::is_nothrow_destructible_v<T>,
+                "sluice::write_behind<T>: T's destructor must be accessible and must not throw");
 
   static constexpr bool keyed = !std::is_void_v<Key>;
+  struct key_check {
+    template <class K>
+    static constexpr bool ok() {
+      if constexpr (std::is_void_v<K>) {
+        return true;
+      } else {
+        return hashable_key<K, Hash, KeyEqual>;
+      }
+    }
+  };
+  static_assert(key_check::template ok<Key>(),
+                "sluice::write_behind<T, Key>: Key must be copyable, hashable and equality-comparable: "
+                "give it a std::hash<Key> specialisation and operator==, or pass Hash / KeyEqual "
+                "(see sluice::hashable_key in <sluice/key.hpp>)");
+  // Hash / KeyEqual, or stand-ins when the assertion above fails (so it is the only error).
+  template <class K, bool = std::is_void_v<K>>
+  struct key_types {
+    using hash = detail::checked_hash<K, Hash, KeyEqual>;
+    using equal = detail::checked_key_equal<K, Hash, KeyEqual>;
+  };
+  template <class K>
+  struct key_types<K, true> {
+    using hash = std::hash<std::uint64_t>;
+    using equal = std::equal_to<std::uint64_t>;
+  };
+  using hash_type = typename key_types<Key>::hash;
+  using key_equal_type = typename key_types<Key>::equal;
   using time_point = typename Clock::time_point;
 
   // One value and what the batcher knows about it. This is also the intake's item type.
@@ -185,8 +223,8 @@ class write_behind {
   };
 
   using retry_key = std::conditional_t<keyed, Key, std::uint64_t>;
-  using retry_hash = std::conditional_t<keyed, Hash, std::hash<std::uint64_t>>;
-  using retry_eq = std::conditional_t<keyed, KeyEqual, std::equal_to<std::uint64_t>>;
+  using retry_hash = hash_type;  // std::hash<std::uint64_t> in unkeyed mode
+  using retry_eq = key_equal_type;
   using retry_heap = detail::indexed_heap<retry_key, slot, time_point, retry_hash, retry_eq>;
 
  public:
@@ -376,7 +414,7 @@ class write_behind {
     bool queued = false;          // in the ready FIFO
   };
   struct no_map {};
-  using entry_map = std::conditional_t<keyed, std::unordered_map<Key, entry, Hash, KeyEqual>, no_map>;
+  using entry_map = std::conditional_t<keyed, std::unordered_map<Key, entry, hash_type, key_equal_type>, no_map>;
   template <class M>
   struct node_of {
     using type = typename M::node_type;
@@ -439,7 +477,7 @@ class write_behind {
 
   retry_heap make_retry_heap() {
     if constexpr (keyed) {
-      return retry_heap(Hash{}, KeyEqual{});
+      return retry_heap(hash_type{}, key_equal_type{});
     } else {
       return retry_heap();
     }
@@ -659,34 +697,48 @@ class write_behind {
                                           s.gen});
         return;
       }
-      auto it = entries_.find(*k);
-      if (it == entries_.end()) {
-        if (!spare_.empty()) {
-          // Reuse a node of a key that left: no allocation per key on the steady path.
-          auto node = std::move(spare_.back());
-          spare_.pop_back();
-          node.key() = std::move(*k);
-          node.mapped() = entry{};
-          it = entries_.insert(std::move(node)).position;
-        } else {
-          it = entries_.try_emplace(std::move(*k)).first;
+      // The user's Hash / KeyEqual and Key's move may throw (and a new map node may not be
+      // allocated): the value is then reported permanent, never allowed to kill the flusher. A key
+      // that hashed once is hashed again later (retry heap, erase): Hash must be deterministic.
+      entry* found = nullptr;
+      try {
+        auto it = entries_.find(*k);
+        if (it == entries_.end()) {
+          if (!spare_.empty()) {
+            // Reuse a node of a key that left: no allocation per key on the steady path.
+            auto node = std::move(spare_.back());
+            spare_.pop_back();
+            node.key() = std::move(*k);
+            node.mapped() = entry{};
+            it = entries_.insert(std::move(node)).position;
+          } else {
+            it = entries_.try_emplace(std::move(*k)).first;
+          }
+          it->second.key = &it->first;
         }
-        it->second.key = &it->first;
+        found = &it->second;
+        if (!found->pending && found->retry_waiting) {
+          // A newer value supersedes the one waiting to be retried: the old one is never written.
+          auto old = heap_.erase(heap_.find(*found->key));
+          ++coalesced_;
+          resolve_locked(old.item.gen);
+          found->retry_waiting = false;
+        }
+      } catch (...) {
+        ++in_flight_;  // reported below, counted as in flight until then
+        b.failures.push_back(failure_item{std::move(s.value),
+                                          write_behind_failure{write_behind_reason::permanent,
+                                                               "key lookup threw: " + current_what(), 0},
+                                          s.gen});
+        return;
       }
-      entry& e = it->second;
+      entry& e = *found;
       if (e.pending) {
         if (e.pending->attempts > 0) --ready_retries_;
         ++coalesced_;
         resolve_locked(e.pending->gen);
         *e.pending = std::move(s);  // keeps its place in the ready FIFO
         return;
-      }
-      if (e.retry_waiting) {
-        // A newer value supersedes the one waiting to be retried: the old one is never written.
-        auto old = heap_.erase(heap_.find(*e.key));
-        ++coalesced_;
-        resolve_locked(old.item.gen);
-        e.retry_waiting = false;
       }
       e.pending.emplace(std::move(s));
       ++pending_values_;
@@ -903,18 +955,32 @@ class write_behind {
           } else {
             const auto hint = b.threw ? std::chrono::nanoseconds::zero() : b.results.min_delay(i);
             const auto due = detail::saturating_add(now, retry_delay_locked(attempts, hint));
+            // Growing the heap may fail (bad_alloc), and so may copying the Key or the user's Hash:
+            // the value is then reported permanent instead of killing the flusher.
+            // insert() is strong: on a throw nothing changed and `s` was not moved from.
             slot s{std::move(b.values[i]), m.enqueued, m.gen, attempts};
-            heap_.reserve_one();
-            if constexpr (keyed) {
-              const auto where = heap_.locate(*owner->key);
-              heap_.insert(where, *owner->key, std::move(s), due);
-              owner->retry_waiting = true;
-            } else {
-              const std::uint64_t id = next_retry_id_++;
-              heap_.insert(heap_.locate(id), id, std::move(s), due);
+            std::string trouble;
+            try {
+              heap_.reserve_one();
+              if constexpr (keyed) {
+                const auto where = heap_.locate(*owner->key);
+                heap_.insert(where, *owner->key, std::move(s), due);
+                owner->retry_waiting = true;
+              } else {
+                const std::uint64_t id = next_retry_id_++;
+                heap_.insert(heap_.locate(id), id, std::move(s), due);
+              }
+            } catch (...) {
+              trouble = "could not schedule the retry: " + current_what();
             }
-            ++retries_;
-            ++resolved_here;  // no longer in flight
+            if (trouble.empty()) {
+              ++retries_;
+              ++resolved_here;  // no longer in flight
+            } else {
+              heap_.release_if_empty();
+              fail_later(b, std::move(s.value), write_behind_reason::permanent, with_cause(std::move(trouble), b),
+                         attempts, m.gen);
+            }
           }
           break;
         }
