@@ -225,7 +225,11 @@ class write_behind {
   using retry_key = std::conditional_t<keyed, Key, std::uint64_t>;
   using retry_hash = hash_type;  // std::hash<std::uint64_t> in unkeyed mode
   using retry_eq = key_equal_type;
-  using retry_heap = detail::indexed_heap<retry_key, slot, time_point, retry_hash, retry_eq>;
+  // When T cannot move (the static_asserts above fail), the intake and the heap hold a stand-in
+  // so that the assertion is the only error, not a cascade from inside them.
+  struct unusable_slot {};
+  using stored_slot = std::conditional_t<std::is_nothrow_move_constructible_v<T>, slot, unusable_slot>;
+  using retry_heap = detail::indexed_heap<retry_key, stored_slot, time_point, retry_hash, retry_eq>;
 
  public:
   using value_type = T;
@@ -1157,7 +1161,7 @@ class write_behind {
   options_type options_;
   const sink_type sink_;
   const Clock clock_;
-  channel<slot> intake_;
+  channel<stored_slot> intake_;
 
   mutable std::mutex m_;  // everything below, except the atomics and the event counts
   std::vector<slot> staged_;      // unkeyed: taken from the intake, waiting for a batch
