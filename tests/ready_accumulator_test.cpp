@@ -11,6 +11,7 @@
 #include <future>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -733,4 +734,36 @@ TEST_CASE("ready_accumulator: a batch handle destroyed unsettled counts as faile
   CHECK(s.failed == 2);
   CHECK(s.pending == 0);
   CHECK(s.buffer_used == 0);
+}
+
+// r3-review F2 (reproducer /work/review/r3/throw_lookup.cpp): a destination_of that threw inside
+// ready() took the partition off the notification queue and lost it (an orphan; wait_ready slept).
+TEST_CASE("ready_accumulator: a throwing destination_of reads as unknown and loses nothing") {
+  manual_clock clock;
+  std::atomic<int> calls{0};
+  sluice::ready_accumulator_options o;
+  o.linger = 0ms;
+  o.batch_records = 1;
+  acc_t acc(
+      o,
+      [&](int) -> std::optional<int> {
+        if (calls++ == 0) throw std::runtime_error("metadata lookup failed");
+        return 0;
+      },
+      clock);
+  REQUIRE(acc.append(1, 7, 4) == append_status::ok);  // seals at once: partition 1 notified
+  auto r = acc.ready();                                // the lookup throws: unknown, not an exception
+  CHECK(r.destinations.empty());
+  REQUIRE(r.unknown.size() == 1);
+  CHECK(r.unknown[0] == 1);
+  CHECK(acc.audit().clean());
+  acc.destinations_refreshed();  // the lookup works now
+  CHECK(acc.wait_ready_for(0ms) == ready_status::ready);
+  r = acc.ready();
+  REQUIRE(r.destinations.size() == 1);
+  std::vector<handle> out;
+  CHECK(acc.drain(0, 1024, out) == 1);
+  for (auto& b : out) acc.complete(std::move(b));
+  CHECK(acc.stats().delivered == 1);
+  CHECK(acc.audit().clean());
 }

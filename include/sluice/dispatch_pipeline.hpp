@@ -420,6 +420,7 @@ class dispatch_pipeline {
                                                                 : failure_reason::delivery_timeout);
       if (wait_pipeline([&] { return in_flight_.load(std::memory_order_acquire) == 0; }, due ? &*due : nullptr)) break;
     }
+    { std::lock_guard barrier(mutex_); }  // the last completion has left finish() (see there)
     fail_pending(failure_reason::shutdown);
     stopped_ = true;
   }
@@ -519,9 +520,14 @@ class dispatch_pipeline {
       throw std::invalid_argument("sluice::dispatch_pipeline: max_in_flight_per_destination must be >= 1, got 0");
     }
     if (o.sender_threads < 1) throw std::invalid_argument("sluice::dispatch_pipeline: sender_threads must be >= 1, got 0");
-    if (*o.accumulator.delivery_timeout < o.accumulator.linger + o.request_timeout) {
+    // saturating (r3 F7): linger + request_timeout may exceed the duration's range
+    const std::chrono::nanoseconds floor_ =
+        o.accumulator.linger > std::chrono::nanoseconds::max() - o.request_timeout
+            ? std::chrono::nanoseconds::max()
+            : o.accumulator.linger + o.request_timeout;
+    if (*o.accumulator.delivery_timeout < floor_) {
       throw std::invalid_argument("sluice::dispatch_pipeline: delivery_timeout must be >= linger + request_timeout ("s +
-                                  ns(o.accumulator.linger + o.request_timeout) + "), got " +
+                                  ns(floor_) + "), got " +
                                   ns(*o.accumulator.delivery_timeout));
     }
     (void)backoff<int>(o.retry_backoff);  // validates base / max / multiplier, naming them
@@ -580,6 +586,15 @@ class dispatch_pipeline {
                                      e.retries});
     }
     count_failed(reason, n);
+    // gapless: the rest of the partition is taken while `b` still holds its mute (r3 F3), so no
+    // sender can send a later batch in between. ("Buffered after" = buffered when this runs.)
+    std::vector<handle> rest;
+    if (options_.gapless && reason != failure_reason::shutdown) {
+      try {
+        acc_.take_partition(partition, rest);
+      } catch (...) {
+      }
+    }
     if (mode == settle_mode::fail) {
       acc_.fail(std::move(b));
     } else if (mode == settle_mode::detach) {
@@ -587,18 +602,11 @@ class dispatch_pipeline {
     } else {
       b = handle{};
     }
-    if (options_.gapless && reason != failure_reason::shutdown) {
-      std::vector<handle> rest;
-      try {
-        acc_.take_partition(partition, rest);
-      } catch (...) {
-      }
-      std::uint64_t m = 0;
-      for (handle& h : rest) {
-        for (envelope& e : h.records()) m += report(e, delivery_report{reason, persistence::not_persisted, e.retries});
-      }
-      count_failed(reason, m);
+    std::uint64_t m = 0;
+    for (handle& h : rest) {
+      for (envelope& e : h.records()) m += report(e, delivery_report{reason, persistence::not_persisted, e.retries});
     }
+    count_failed(reason, m);
   }
 
   void fail_pending(failure_reason reason) {
@@ -663,33 +671,35 @@ class dispatch_pipeline {
             fail_batch(b, failure_reason::retries_exhausted, settle_mode::fail);
             break;
           }
-          std::chrono::nanoseconds delay = counts ? retry_delay(retries) : std::chrono::nanoseconds::zero();
+          // not_sent consumes no retry but still waits the base backoff (r3 F4: a sink that keeps
+          // declining must not turn the sender into a busy loop).
+          std::chrono::nanoseconds delay = counts ? retry_delay(retries) : options_.retry_backoff.base;
           const auto now_dest = lookup(b.partition());
           if (now_dest && !DestEqual{}(*now_dest, rq.dest)) delay = std::chrono::nanoseconds::zero();  // leader moved
           retried_.fetch_add(b.records().size(), std::memory_order_relaxed);  // relaxed: statistic
           try {
             acc_.reenqueue(std::move(b), delay);
           } catch (...) {
-            fail_batch(b, failure_reason::retries_exhausted, settle_mode::fail);  // out of memory for the backoff entry
+            // out of memory for the backoff entry: reenqueue left the handle owning it
+            if (b.owns()) fail_batch(b, failure_reason::retries_exhausted, settle_mode::fail);
           }
           break;
         }
       }
     }
     acc_.complete(std::span<handle>(rq.batches));  // the delivered ones (the others were moved out)
-    bool was_full = false;
-    {
-      std::lock_guard lock(mutex_);
-      if (std::exchange(rq.linked, false)) flights_.erase(rq.pos);
-      auto it = dest_in_flight_.find(rq.dest);
-      if (it != dest_in_flight_.end()) {
-        was_full = it->second >= options_.max_in_flight_per_destination;
-        if (--it->second == 0) dest_in_flight_.erase(it);
-      }
+    // Under mutex_ to the end: stop() sees in_flight_ == 0 and then takes mutex_ once, so this
+    // thread has stopped touching the pipeline before stop() returns (r3 F5: a completion racing
+    // the destructor). Lock order mutex_ -> the accumulator's mutex (wake) is the only one.
+    std::lock_guard lock(mutex_);
+    if (std::exchange(rq.linked, false)) flights_.erase(rq.pos);
+    auto it = dest_in_flight_.find(rq.dest);
+    if (it != dest_in_flight_.end()) {
+      if (it->second >= options_.max_in_flight_per_destination) acc_.wake();  // its partitions wait: look again
+      if (--it->second == 0) dest_in_flight_.erase(it);
     }
     // release: pairs with the acquire in stop(): the batches above are settled.
     in_flight_.fetch_sub(1, std::memory_order_release);
-    if (was_full) acc_.wake();  // its partitions wait in the ready list: look again
     idle_ec_.notify_all();
   }
 

@@ -28,7 +28,9 @@
 // Requirements: Partition and Destination satisfy sluice::hashable_key (with Hash/KeyEqual and
 // DestHash/DestEqual). Record is nothrow move-constructible. `destination_of(partition)` returns
 // std::optional<Destination> (nullopt: unknown); it is called under the accumulator's lock (from
-// ready() and drain()), so it must not call back into the accumulator. Clock models clock_source.
+// ready() and drain()), so it must not call back into the accumulator; if it throws, the
+// partition counts as unknown (reported, re-checked on destinations_refreshed()). Clock models
+// clock_source.
 //
 // Guarantees:
 // - Per partition, drain() hands out batches in append order; reenqueue() puts a failed batch back
@@ -362,7 +364,7 @@ class ready_accumulator {
         settle_locked(e.part, now);
         continue;
       }
-      if (auto d = destination_of_(p.key)) {
+      if (auto d = route(p.key)) {
         to_destination_locked(e.part, *d);
       } else {
         unknown_[keep++] = e;
@@ -381,7 +383,7 @@ class ready_accumulator {
         settle_locked(e.part, now);  // arms the backoff entry if that is why; else nothing to do
         continue;
       }
-      if (auto d = destination_of_(p.key)) {
+      if (auto d = route(p.key)) {
         to_destination_locked(e.part, *d);
       } else {
         p.where = where_kind::unknown;
@@ -449,7 +451,7 @@ class ready_accumulator {
         settle_locked(e.part, now);
         continue;
       }
-      auto d = destination_of_(p.key);
+      auto d = route(p.key);
       if (!d || !dest_index_.key_eq()(*d, destination)) {  // moved (or lost its leader): route it afresh
         ds.list.pop_front();
         p.where = where_kind::none;
@@ -526,15 +528,20 @@ class ready_accumulator {
 
   /// Puts a drained batch back at the front of its partition (ahead of newer batches; several in
   /// their original order), sendable again after `backoff` (<= 0: at once). A batch past its
-  /// delivery_timeout goes to expire() instead. Precondition: b.in_flight(). Thread-safe.
+  /// delivery_timeout goes to expire() instead. Precondition: b.in_flight(). Thread-safe. If it
+  /// throws (allocation), nothing changed and `b` still owns the batch.
   template <class Rep, class Period>
   void reenqueue(batch_handle&& b, const std::chrono::duration<Rep, Period>& backoff) {
-    batch_node* n = std::exchange(b.node_, nullptr);
-    b.acc_ = nullptr;
-    if (n == nullptr) return;
+    if (b.node_ == nullptr) return;
     bool wake_sender = false;
     {
       std::lock_guard lock(mutex_);
+      // Everything that can allocate first (r3 F6): on an exception nothing changed and `b` still
+      // owns the batch.
+      backoff_heap_.reserve_one();
+      if (expired_.size() == expired_.capacity()) expired_.reserve(std::max<std::size_t>(16, expired_.size() * 2));
+      batch_node* n = std::exchange(b.node_, nullptr);
+      b.acc_ = nullptr;
       const time_point now = clock_.now();
       partition_state& p = parts_[n->part];
       in_flight_records_ -= n->records.size();
@@ -1425,6 +1432,17 @@ class ready_accumulator {
       }
     }
     return wake_space;
+  }
+
+  // destination_of through a noexcept door (r3 F2): a throwing lookup reads as "unknown" (the
+  // partition is reported in ready().unknown and re-checked by destinations_refreshed()), so no
+  // path that already took a partition off a queue can lose it to an exception.
+  std::optional<Destination> route(const Partition& key) const noexcept {
+    try {
+      return destination_of_(key);
+    } catch (...) {
+      return std::nullopt;
+    }
   }
 
   // settle_locked() reading the clock only when the head batch is in backoff (the common unmute
