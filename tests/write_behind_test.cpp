@@ -831,3 +831,23 @@ struct throwing_assign {
 }  // namespace
 static_assert(!std::is_nothrow_move_assignable_v<throwing_assign>);
 static_assert(std::is_nothrow_move_assignable_v<kv>);
+
+// A coalesced key keeps the stamp of the value it has been waiting with since: a key updated more
+// often than linger at the head of the ready queue used to restart the wait with every update.
+TEST_CASE("write_behind: keyed linger counts from the first of a key's coalesced values") {
+  manual_clock clock;
+  recorder<kv> rec;
+  sluice::write_behind<kv, int, manual_clock> wb({.capacity = 64, .max_batch = 16, .linger = 10ms}, sink_of(rec),
+                                                 clock);
+  REQUIRE(wb.enqueue(kv{1, 1}) == write_behind_status::ok);
+  REQUIRE(taken(wb));
+  clock.advance(6ms);
+  REQUIRE(wb.enqueue(kv{1, 2}) == write_behind_status::ok);  // supersedes (1,1), which waited 6ms
+  clock.advance(4ms);                                         // (1,1) was taken 10ms ago: due now
+  REQUIRE(rec.wait([&] { return rec.calls.size() == 1; }, 10s));
+  REQUIRE(rec.calls[0].size() == 1);
+  CHECK(rec.calls[0][0].version == 2);
+  wb.flush();
+  CHECK(wb.metrics().coalesced == 1);
+  check_balanced(wb.metrics());
+}

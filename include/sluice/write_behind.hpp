@@ -741,7 +741,12 @@ class write_behind {
         if (e.pending->attempts > 0) --ready_retries_;
         ++coalesced_;
         resolve_locked(e.pending->gen);
+        // The key has had a value waiting since the older stamp: linger (and oldest_pending_age)
+        // count from it, or a key updated more often than linger at the FIFO head would defer the
+        // batch again and again (each newer value restarting the wait).
+        const time_point since = std::min(e.pending->enqueued, s.enqueued);
         *e.pending = std::move(s);  // keeps its place in the ready FIFO
+        e.pending->enqueued = since;
         return;
       }
       e.pending.emplace(std::move(s));
@@ -763,6 +768,19 @@ class write_behind {
       ready_tail_ = &e;
     }
     ++ready_count_;
+  }
+
+  // A key whose newer value waited behind its in-flight one was stamped when taken, maybe before
+  // the FIFO head: then it goes first, so linger keeps counting from the oldest ready value.
+  void push_ready_by_age(entry& e) noexcept {
+    if (ready_head_ != nullptr && e.pending->enqueued < ready_head_->pending->enqueued) {
+      e.queued = true;
+      e.next = ready_head_;
+      ready_head_ = &e;
+      ++ready_count_;
+    } else {
+      push_ready(e);
+    }
   }
 
   entry* pop_ready() noexcept {
@@ -991,7 +1009,7 @@ class write_behind {
       }
       if constexpr (keyed) {
         if (owner->pending) {
-          if (!owner->queued) push_ready(*owner);
+          if (!owner->queued) push_ready_by_age(*owner);
         } else if (!owner->retry_waiting) {
           erase_entry(*owner);
         }
