@@ -42,7 +42,8 @@
 // - Priorities: FIFO within a priority (0 .. priority_levels-1, higher runs first). Starvation
 //   bound: the head of a priority's queue is dispatched after at most starvation_limit dispatches
 //   from higher priorities, plus one per lower priority that is itself at its bound.
-// - Shutdown: stop() closes intake, requests stop on running reconciles, waits for them and hands
+// - Shutdown: stop() closes intake, requests stop on running reconciles, waits for them (and for
+//   on_dead_letter calls in progress: when stop() returns, no callback is running) and hands
 //   every pending version (queued, scheduled, waiting) to on_unprocessed. drain(deadline) closes
 //   intake, runs everything accepted including requeues and retries that fall due before the
 //   deadline, then stop()s. Both are idempotent, thread-safe, and callable from inside a callback
@@ -90,269 +91,11 @@
 #include "clock.hpp"
 #include "detail/event_count.hpp"
 #include "detail/reconcile_histogram.hpp"
+#include "detail/reconcile_types.hpp"
 #include "detail/reconcile_table.hpp"
 #include "key.hpp"
 
-#if (defined(__x86_64__) || defined(__i386__)) && !defined(SLUICE_NO_TSC)
-#include <x86intrin.h>
-#define SLUICE_DETAIL_PIPELINE_TSC 1
-#else
-#define SLUICE_DETAIL_PIPELINE_TSC 0
-#endif
-
 namespace sluice {
-
-/// Why a reconcile runs (kube-rs's ReconcileReason).
-enum class reconcile_reason : std::uint8_t {
-  created,              ///< submitted with submit_options::reason = created
-  updated,              ///< submitted (the default reason of a submission)
-  requeue_requested,    ///< the previous run returned requeue_after(d) and d has passed
-  retry_after_failure,  ///< the previous run failed and its backoff delay has passed
-};
-
-enum class conflict_strategy : std::uint8_t { coalesce, discard, requeue_after, wait };
-
-/// Result of submit and its family. Only `ok` consumes the entity.
-enum class submit_status : std::uint8_t {
-  ok,         ///< accepted (queued, scheduled, or merged into the key's pending version)
-  full,       ///< intake at capacity (try_ forms)
-  closed,     ///< stop(), drain() or a fault closed the intake
-  timeout,    ///< _for / _until gave up
-  cancelled,  ///< the stop_token was triggered
-  discarded,  ///< conflict_strategy::discard and the key is running: counted, entity left with you
-  busy,       ///< conflict_strategy::wait, the key is running and this was a try_ form
-};
-
-enum class dead_letter_reason : std::uint8_t { retries_exhausted, terminal };
-
-/// Where a version was when shutdown reported it as not processed.
-enum class pending_state : std::uint8_t { queued, scheduled, waiting };
-
-/// The error of a failed reconcile: a message, and the exception if one was thrown (rethrow it to
-/// inspect its type).
-struct reconcile_error {
-  std::string message;
-  std::exception_ptr exception;
-};
-
-namespace detail {
-template <class Rep, class Period>
-[[nodiscard]] std::chrono::nanoseconds clamp_ns(const std::chrono::duration<Rep, Period>& d) noexcept {
-  using wide = std::chrono::duration<long double, std::nano>;
-  const wide w = std::chrono::duration_cast<wide>(d);
-  if (!(w == w) || w <= wide::zero()) return std::chrono::nanoseconds::zero();  // NaN, negative: now
-  if (!(w < wide(std::chrono::nanoseconds::max()))) return std::chrono::nanoseconds::max();
-  return std::chrono::ceil<std::chrono::nanoseconds>(w);
-}
-template <class TimePoint>
-[[nodiscard]] TimePoint add_ns(TimePoint tp, std::chrono::nanoseconds d) noexcept {
-  using dur = typename TimePoint::duration;
-  using wide = std::chrono::duration<long double, typename dur::period>;
-  const wide sum = wide(tp.time_since_epoch()) + std::chrono::duration_cast<wide>(d);
-  if (!(sum < wide(dur::max()))) return TimePoint::max();
-  if (d <= std::chrono::nanoseconds::zero()) return tp;
-  const dur dd = std::chrono::ceil<dur>(d);
-  return tp.time_since_epoch() > dur::max() - dd ? TimePoint::max() : tp + dd;
-}
-}  // namespace detail
-
-namespace detail {
-/// Nanoseconds per time-stamp-counter tick, measured once per process over 2 ms against
-/// std::chrono::steady_clock (both clocks run through any preemption, so the ratio holds).
-inline double tsc_ns_per_tick() noexcept {
-#if SLUICE_DETAIL_PIPELINE_TSC
-  static const double value = [] {
-    const auto s0 = std::chrono::steady_clock::now();
-    const auto t0 = __rdtsc();
-    auto s1 = s0;
-    while (s1 - s0 < std::chrono::milliseconds(2)) s1 = std::chrono::steady_clock::now();
-    const auto t1 = __rdtsc();
-    const double ns = static_cast<double>(std::chrono::duration_cast<std::chrono::nanoseconds>(s1 - s0).count());
-    return t1 > t0 ? ns / static_cast<double>(t1 - t0) : 1.0;
-  }();
-  return value;
-#else
-  return 1.0;
-#endif
-}
-}  // namespace detail
-
-/// What a reconcile returns. Cheap to build; only failures carry a string.
-class reconcile_result {
- public:
-  enum class kind : std::uint8_t { done, requeue, failure, terminal };
-
-  [[nodiscard]] static reconcile_result done() noexcept { return reconcile_result(kind::done); }
-  /// Success; reconcile the same version again after `d` (a periodic re-check).
-  template <class Rep, class Period>
-  [[nodiscard]] static reconcile_result requeue_after(const std::chrono::duration<Rep, Period>& d) noexcept {
-    reconcile_result r(kind::requeue);
-    r.delay_ = detail::clamp_ns(d);
-    return r;
-  }
-  /// Failure: retried after the key's backoff delay.
-  [[nodiscard]] static reconcile_result failure(std::string message) {
-    reconcile_result r(kind::failure);
-    r.error_.message = std::move(message);
-    return r;
-  }
-  /// Failure that also asks for a delay: retried after max(backoff delay, d) (see the file comment).
-  template <class Rep, class Period>
-  [[nodiscard]] static reconcile_result failure(std::string message, const std::chrono::duration<Rep, Period>& d) {
-    reconcile_result r = failure(std::move(message));
-    r.delay_ = detail::clamp_ns(d);
-    return r;
-  }
-  /// Failure carrying an exception (its what() becomes the message when it is a std::exception).
-  [[nodiscard]] static reconcile_result failure(std::exception_ptr e) {
-    reconcile_result r(kind::failure);
-    r.error_.message = describe(e);
-    r.error_.exception = std::move(e);
-    return r;
-  }
-  /// Terminal failure: never retried; the entity goes to on_dead_letter.
-  [[nodiscard]] static reconcile_result terminal(std::string message) {
-    reconcile_result r(kind::terminal);
-    r.error_.message = std::move(message);
-    return r;
-  }
-
-  [[nodiscard]] kind result_kind() const noexcept { return kind_; }
-  [[nodiscard]] std::chrono::nanoseconds delay() const noexcept { return delay_; }
-  [[nodiscard]] const reconcile_error& error() const noexcept { return error_; }
-  [[nodiscard]] reconcile_error&& take_error() noexcept { return std::move(error_); }
-
-  static std::string describe(const std::exception_ptr& e) {
-    if (!e) return "unknown error";
-    try {
-      std::rethrow_exception(e);
-    } catch (const std::exception& ex) {
-      return ex.what();
-    } catch (...) {
-      return "non-standard exception";
-    }
-  }
-
- private:
-  explicit reconcile_result(kind k) noexcept : kind_(k) {}
-  kind kind_;
-  std::chrono::nanoseconds delay_{0};
-  reconcile_error error_;
-};
-
-/// What a reconcile is told about its run.
-template <class Key>
-struct reconcile_context {
-  const Key& key;
-  std::uint32_t attempt;    ///< 1 + consecutive failures of this key so far
-  reconcile_reason reason;  ///< why this run happens
-  int priority;
-  const std::stop_token& stop;  ///< requested by stop(), cancel(key) and reconcile_timeout
-};
-
-/// Per-submission options. The dedup rule (file comment) merges these with a pending version's.
-struct submit_options {
-  int priority = 0;                                   ///< 0 .. priority_levels-1, higher first
-  reconcile_reason reason = reconcile_reason::updated;  ///< created or updated
-  std::chrono::nanoseconds delay{0};                  ///< > 0: not before now + delay (scheduled)
-};
-
-template <class Key, class Entity>
-struct dead_letter {
-  Key key;
-  Entity entity;
-  reconcile_error error;   ///< the last error
-  std::uint32_t failures;  ///< consecutive failures recorded
-  dead_letter_reason reason;
-};
-
-template <class Key, class Entity>
-struct unprocessed {
-  Key key;
-  Entity entity;
-  pending_state state;
-  std::uint32_t failures;
-};
-
-/// What cancel(key) did.
-struct cancel_result {
-  bool removed_pending = false;  ///< a queued, scheduled or waiting version was removed
-  bool stop_requested = false;   ///< the key was running: its stop token was requested
-  explicit operator bool() const noexcept { return removed_pending || stop_requested; }
-};
-
-/// A snapshot of the pipeline's counters and gauges (one lock, consistent with itself).
-struct reconcile_metrics {
-  std::uint64_t submitted = 0;          ///< accepted submissions (discarded ones included)
-  std::uint64_t reconciled = 0;         ///< callback runs finished
-  std::uint64_t succeeded = 0;          ///< runs that returned done()
-  std::uint64_t failed = 0;             ///< runs that failed (returned, thrown, timed out, terminal)
-  std::uint64_t retries = 0;            ///< failures scheduled for a retry
-  std::uint64_t requeues = 0;           ///< runs that returned requeue_after(d)
-  std::uint64_t dead_lettered = 0;
-  std::uint64_t discarded = 0;
-  std::uint64_t coalesced = 0;          ///< versions replaced by a newer one before they ran
-  std::uint64_t cancelled = 0;
-  std::uint64_t unprocessed = 0;        ///< reported to on_unprocessed at shutdown
-  std::uint64_t conflict_requeues = 0;  ///< conflict_strategy::requeue_after deferrals
-  std::uint64_t timeouts = 0;           ///< runs that overran reconcile_timeout
-  std::uint64_t callback_errors = 0;    ///< exceptions thrown by on_* hooks (caught)
-  std::size_t queued = 0;               ///< ready, waiting for a worker
-  std::size_t scheduled = 0;            ///< waiting for a deadline (requeues, retries, delays)
-  std::size_t waiting = 0;              ///< coalesced behind a running version of the same key
-  std::size_t in_flight = 0;            ///< running now
-  std::size_t keys = 0;                 ///< keys with any state
-  std::size_t max_parallel = 0;
-  std::chrono::nanoseconds oldest_queued_age{0};
-  std::chrono::nanoseconds longest_running{0};
-  reconcile_histogram queue_latency;       ///< ready -> started
-  reconcile_histogram reconcile_duration;  ///< started -> finished
-  bool faulted = false;
-  bool stopped = false;
-  [[nodiscard]] std::size_t pending() const noexcept { return queued + scheduled + waiting + in_flight; }
-  /// The conservation identity. Every snapshot satisfies it (each transition moves one unit between
-  /// two of its terms under the pipeline's lock); so does reconciled == succeeded + failed + requeues.
-  [[nodiscard]] bool balanced() const noexcept {
-    return submitted == succeeded + dead_lettered + discarded + coalesced + cancelled + unprocessed + pending();
-  }
-};
-
-template <class Key, class Entity>
-struct reconcile_options {
-  std::size_t max_parallel = 4;  ///< worker threads, >= 1
-  std::size_t capacity = 1024;   ///< ready versions submitters may add before submit waits, >= 1
-  conflict_strategy on_conflict = conflict_strategy::coalesce;
-  std::chrono::nanoseconds conflict_delay = std::chrono::milliseconds(100);  ///< for requeue_after
-  int priority_levels = 2;             ///< 1 .. 255
-  std::uint32_t starvation_limit = 8;  ///< >= 1 (see the starvation bound)
-  backoff_options backoff = default_backoff();
-  std::optional<std::chrono::nanoseconds> reconcile_timeout{};  ///< > 0 when set
-  std::function<void(dead_letter<Key, Entity>&&)> on_dead_letter{};
-  std::function<void(unprocessed<Key, Entity>&&)> on_unprocessed{};
-  std::function<void(const Key&, const reconcile_error&, std::uint32_t attempt)> on_failure{};
-  std::uint64_t jitter_seed = 0;  ///< 0: seeded from std::random_device
-
-  /// client-go's per-item defaults (5 ms doubling to 1000 s) with the Java Operator SDK's budget of 5.
-  static backoff_options default_backoff() {
-    backoff_options b;
-    b.max_retries = 5;
-    return b;
-  }
-};
-
-/// KeyFn that reads a data member: sluice::key_member<&pod::uid>.
-template <auto Member>
-struct key_member {
-  template <class E>
-  decltype(auto) operator()(const E& e) const noexcept {
-    return (e.*Member);
-  }
-};
-
-namespace detail {
-template <class KeyFn, class Entity>
-using pipeline_key_t = std::remove_cvref_t<std::invoke_result_t<const KeyFn&, const Entity&>>;
-}
 
 template <class Entity, class KeyFn, clock_source Clock = steady_clock,
           class Hash = std::hash<detail::pipeline_key_t<KeyFn, Entity>>,
@@ -484,9 +227,9 @@ class reconcile_pipeline {
     wake_everyone();
     if (tl_self_ == this) return;
     lk.lock();
-    while (running_ > 0) park_locked(lk, idle_ec_, idle_waiters_, std::nullopt);
+    while (running_ > 0 || delivering_ > 0) park_locked(lk, idle_ec_, idle_waiters_, std::nullopt);
     finalize_locked(lk);
-    while (!finalized_) park_locked(lk, idle_ec_, idle_waiters_, std::nullopt);
+    while (!finalized_ || delivering_ > 0) park_locked(lk, idle_ec_, idle_waiters_, std::nullopt);
   }
 
   /// Closes intake, runs everything accepted (including requeues and retries falling due before
@@ -498,7 +241,7 @@ class reconcile_pipeline {
     if (tl_self_ == this) return false;
     for (;;) {
       if (stopping_ || fault_) break;
-      const bool runnable_done = queued_ == 0 && running_ == 0 && waiting_ == 0;
+      const bool runnable_done = queued_ == 0 && running_ == 0 && waiting_ == 0 && delivering_ == 0;
       if (runnable_done && (heap_.empty() || heap_.top().deadline > deadline)) break;
       if (clock_.now() >= deadline) break;
       park_locked(lk, idle_ec_, idle_waiters_, deadline);
@@ -517,7 +260,7 @@ class reconcile_pipeline {
   /// the fault. Thread-safe.
   void wait() {
     std::unique_lock lk(mu_);
-    while (!finalized_ && !fault_) park_locked(lk, idle_ec_, idle_waiters_, std::nullopt);
+    while ((!finalized_ || delivering_ > 0) && !fault_) park_locked(lk, idle_ec_, idle_waiters_, std::nullopt);
     if (fault_) std::rethrow_exception(fault_);
   }
 
@@ -955,7 +698,7 @@ class reconcile_pipeline {
     std::unique_lock lk(mu_);
     for (;;) {
       if (fault_) std::rethrow_exception(fault_);
-      if (slab_.live() == 0 || finalized_) return true;
+      if ((slab_.live() == 0 || finalized_) && delivering_ == 0) return true;
       if (deadline && clock_.now() >= *deadline) return false;
       park_locked(lk, idle_ec_, idle_waiters_, deadline);
     }
@@ -1117,6 +860,7 @@ class reconcile_pipeline {
       finish_locked(ws, id, res, now, stamp, local, dead, wake_timer);
       const bool notify_submit = key_waiters_ > 0;
       const bool notify_idle = idle_waiters_ > 0 && ((queued_ == 0 && running_ == 0) || slab_.live() == 0 || stopping_);
+      if (dead) ++delivering_;  // stop(), drain(), wait() and wait_idle() wait for the callback too
       if (dead || notify_submit || notify_idle || wake_timer) {
         lk.unlock();
         if (wake_timer) work_ec_.notify_one();
@@ -1124,6 +868,7 @@ class reconcile_pipeline {
         if (notify_idle) idle_ec_.notify_all();
         if (dead) deliver_dead_letter(std::move(*dead));
         lk.lock();
+        if (dead && --delivering_ == 0 && idle_waiters_ > 0) idle_ec_.notify_all();  // rare: under the lock
       }
     }
     // Leaving: the last worker out after a stop begun from inside a callback finishes it.
@@ -1423,6 +1168,7 @@ class reconcile_pipeline {
   std::size_t queued_ = 0;
   std::size_t waiting_ = 0;
   std::size_t running_ = 0;
+  std::size_t delivering_ = 0;  // on_dead_letter calls in progress (outside the lock)
   std::size_t space_threshold_ = 0;  // capacity - max(1, capacity / 4)
 
   bool closed_ = false;
