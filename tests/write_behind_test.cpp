@@ -851,3 +851,37 @@ TEST_CASE("write_behind: keyed linger counts from the first of a key's coalesced
   CHECK(wb.metrics().coalesced == 1);
   check_balanced(wb.metrics());
 }
+
+// r2-review F3: in keyed mode a due retry moved into its key's pending slot and was counted as
+// pending (unkeyed counted it in_retry). Both modes now count a retry in_retry until a batch takes it.
+TEST_CASE("write_behind: a due retry not yet in a batch counts as in_retry, not pending (keyed)") {
+  manual_clock clock;
+  recorder<kv> rec;
+  rec.decide = [](std::span<const kv> b, write_behind_results& r, std::size_t call) {
+    for (std::size_t i = 0; i < b.size(); ++i) {
+      if (call < 2) r.retry(i);
+    }
+  };
+  sluice::write_behind<kv, int, manual_clock> wb(
+      {.capacity = 16, .max_batch = 1, .linger = 0ns, .retry = {.base = 1s, .max = 1s, .jitter = sluice::jitter_mode::none}},
+      sink_of(rec), clock);
+  REQUIRE(wb.enqueue(kv{1, 1}) == write_behind_status::ok);
+  REQUIRE(wb.enqueue(kv{2, 1}) == write_behind_status::ok);
+  REQUIRE(rec.wait([&] { return rec.total == 2 && rec.in_sink == 0; }));
+  clock.wait_for_waiters(1);
+  CHECK(wb.metrics().in_retry == 2);
+  {
+    std::lock_guard lock(rec.m);
+    rec.gate_open = false;
+  }
+  clock.advance(1s);  // both due; max_batch 1: one goes to the sink (held), the other waits
+  REQUIRE(rec.wait([&] { return rec.in_sink == 1; }));
+  const auto m = wb.metrics();
+  CHECK(m.in_flight == 1);
+  CHECK(m.in_retry == 1);
+  CHECK(m.pending == 0);
+  CHECK(m.enqueued == m.persisted + m.failed + m.coalesced + m.in_intake + m.pending + m.in_retry + m.in_flight);
+  rec.open();
+  wb.flush();
+  check_balanced(wb.metrics());
+}

@@ -378,8 +378,15 @@ class write_behind {
     out.batches = batches_;
     out.sink_errors = sink_errors_;
     out.on_failed_errors = on_failed_errors_;
-    out.pending = pending_count_locked();
-    out.in_retry = heap_.size() + retry_ready_.size();
+    // Due retries count as in_retry until a batch takes them, in both modes (keyed: they sit in
+    // their key's pending slot, ready_retries_ of them).
+    if constexpr (keyed) {
+      out.pending = pending_values_ - ready_retries_;
+      out.in_retry = heap_.size() + ready_retries_;
+    } else {
+      out.pending = pending_count_locked();
+      out.in_retry = heap_.size() + retry_ready_.size();
+    }
     out.in_flight = in_flight_;
     std::optional<time_point> oldest;
     auto consider = [&](time_point t) {
@@ -389,6 +396,7 @@ class write_behind {
       if (ready_head_ != nullptr) consider(ready_head_->pending->enqueued);
     } else {
       if (staged_head_ < staged_.size()) consider(staged_[staged_head_].enqueued);
+      if (!retry_ready_.empty()) consider(retry_ready_.front().enqueued);
     }
     for (const auto& b : buffers_) {
       if (b.in_sink) consider(b.oldest);

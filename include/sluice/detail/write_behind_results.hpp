@@ -155,12 +155,15 @@ struct write_behind_metrics {
   std::uint64_t sink_errors = 0;       ///< sink calls that threw
   std::uint64_t on_failed_errors = 0;  ///< on_failed calls that threw (caught)
   std::size_t in_intake = 0;           ///< accepted, still in the bounded intake
-  std::size_t pending = 0;             ///< taken from the intake, waiting for a batch
-  std::size_t in_retry = 0;            ///< waiting for their retry deadline
+  std::size_t pending = 0;             ///< taken from the intake, waiting for a batch (not retries)
+  std::size_t in_retry = 0;            ///< retries: waiting for their deadline, or due and not yet in a batch
   std::size_t in_flight = 0;           ///< in a sink call, or being reported to on_failed
-  /// Age of the oldest value waiting for a batch or in flight (values in the retry buffer are
-  /// counted by in_retry instead; values in the intake are younger than those held, unless held
-  /// is empty). Zero when nothing is held.
+  /// Age, counted from when a flusher took it from the intake (keyed: from when its key's first
+  /// still-unwritten value was taken; coalescing keeps that stamp), of the oldest of: the head of the
+  /// ready queue (the value linger counts from), the first due retry, and every batch in the sink.
+  /// An estimate, one lock and no scan: values waiting out a retry backoff are not considered (see
+  /// in_retry), nor values in the intake (unstamped); in keyed mode a value behind the head may be
+  /// older by up to one sink call (its key was in flight when it was taken). Zero when none.
   std::chrono::nanoseconds oldest_pending_age{0};
 };
 
