@@ -49,7 +49,9 @@
 //    included, until everything is done or drain_timeout has passed, then reports everything still
 //    unwritten to on_failed with reason shutdown; it returns once the flushers have exited (a sink
 //    call in progress is waited for, never abandoned). Idempotent, safe from several threads; the
-//    destructor calls it.
+//    destructor calls it, so a destructor may block for up to drain_timeout (30 s by default, on
+//    Clock) plus one sink call when the sink keeps failing; with testing::manual_clock another
+//    thread must advance the clock past the drain deadline (or use drain_timeout 0).
 //  - Idle costs nothing: flushers park through the clock and wake on the first value, on the linger
 //    or retry deadline, on flush()/stop() — never on a polling tick. Producers make a system call
 //    only when a flusher is parked and their value completes what it waits for (the first value, or a
