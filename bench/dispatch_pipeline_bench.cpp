@@ -4,7 +4,10 @@
 //              linger 5 ms, 1 MiB requests, Kafka's defaults) with a global delivery callback
 //   impl:scan  the pre-push design: the same batching behind one mutex; its sender thread waits on
 //              a condition variable (signalled when a batch seals, or after linger) and then walks
-//              every partition to seal lingering batches and collect sealed ones
+//              every partition to seal lingering batches and collect sealed ones. Like the
+//              pipeline it keeps a per-record callback slot (run if set, else the global one)
+//              and a set-once report flag, and sizes records through a std::function (h5b: it
+//              did neither before, which skipped per-record work the pipeline's API requires)
 // send/impl/appenders:T/sink:S/partitions:P: T threads send 400k 100-byte records over P
 //   partitions (1,000; 10,000 to show the scan's growth) and 5 destinations, then flush; items/s
 //   is end-to-end (every record's delivery callback has run).
@@ -24,6 +27,7 @@
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <utility>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -147,20 +151,23 @@ void send_push(benchmark::State& state) {
 class scanning_pipeline {
  public:
   using callback = std::function<void(const rec&, bool)>;
-  explicit scanning_pipeline(callback cb) : cb_(std::move(cb)), parts_(static_cast<std::size_t>(partitions)) {
+  using size_function = std::function<std::size_t(const rec&)>;
+  explicit scanning_pipeline(callback cb, size_function size_of)
+      : cb_(std::move(cb)), size_of_(std::move(size_of)), parts_(static_cast<std::size_t>(partitions)) {
     sender_ = std::jthread([this](std::stop_token st) { loop(st); });
   }
   ~scanning_pipeline() {
     sender_.request_stop();
     cv_.notify_all();
   }
-  void send(int p, rec&& r) {
+  void send(int p, rec&& r, callback on_delivery = {}) {
+    const std::size_t bytes = size_of_(r);
     std::unique_lock l(m_);
-    space_cv_.wait(l, [&] { return buffer_ + 100 <= buffer_cap; });
+    space_cv_.wait(l, [&] { return buffer_ + bytes <= buffer_cap; });
     auto& ps = parts_[static_cast<std::size_t>(p)];
     if (ps.open.empty()) ps.opened = std::chrono::steady_clock::now();
-    ps.open.push_back(std::move(r));
-    buffer_ += 100;
+    ps.open.push_back(entry{std::move(r), std::move(on_delivery)});
+    buffer_ += bytes;
     ++pending_;
     if (ps.open.size() * 100 >= batch_bytes) {
       ps.sealed.push_back(std::move(ps.open));
@@ -181,13 +188,18 @@ class scanning_pipeline {
   static constexpr std::size_t batch_bytes = 16 * 1024;
   static constexpr std::size_t request_bytes = 1024 * 1024;
   static constexpr std::size_t buffer_cap = 32 * 1024 * 1024;
+  struct entry {
+    rec record;
+    callback cb;
+    bool done = false;
+  };
   struct partition_state {
-    std::vector<rec> open;
+    std::vector<entry> open;
     std::chrono::steady_clock::time_point opened{};
-    std::deque<std::vector<rec>> sealed;
+    std::deque<std::vector<entry>> sealed;
   };
   void loop(std::stop_token st) {
-    std::vector<std::vector<rec>> request;
+    std::vector<std::vector<entry>> request;
     std::unique_lock l(m_);
     while (!st.stop_requested()) {
       cv_.wait_for(l, 5ms);  // woken by a seal, or after linger, to look for lingering batches
@@ -210,7 +222,10 @@ class scanning_pipeline {
         l.unlock();
         std::size_t n = 0;
         for (auto& b : request) {  // the immediate sink: every record delivered
-          for (auto& r : b) cb_(r, true);
+          for (auto& e : b) {
+            if (std::exchange(e.done, true)) continue;
+            if (e.cb) e.cb(e.record, true); else cb_(e.record, true);
+          }
           n += b.size();
         }
         request.clear();
@@ -223,6 +238,7 @@ class scanning_pipeline {
     }
   }
   callback cb_;
+  size_function size_of_;
   std::mutex m_;
   std::condition_variable cv_, space_cv_, done_cv_;
   std::vector<partition_state> parts_;
@@ -236,9 +252,11 @@ void send_scan(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(0));
   partitions = static_cast<int>(state.range(2));
   std::atomic<std::uint64_t> delivered{0};
-  scanning_pipeline pipe([&](const rec&, bool ok) {
-    if (ok) delivered.fetch_add(1, std::memory_order_relaxed);  // relaxed: read after flush()
-  });
+  scanning_pipeline pipe(
+      [&](const rec&, bool ok) {
+        if (ok) delivered.fetch_add(1, std::memory_order_relaxed);  // relaxed: read after flush()
+      },
+      [](const rec&) { return std::size_t{100}; });
   const double cpu0 = process_cpu_ns();
   for (auto _ : state) {
     run_appenders(threads, [&](int p, rec&& r) { pipe.send(p, std::move(r)); });
