@@ -885,3 +885,41 @@ TEST_CASE("write_behind: a due retry not yet in a batch counts as in_retry, not 
   wb.flush();
   check_balanced(wb.metrics());
 }
+
+// r2-review F4: while a flush() waited for a value backing off, every later value was sent at
+// once (batches of one). Now flush() skips linger only while its own values are ready to go.
+TEST_CASE("write_behind: a flush waiting for a retry's backoff does not cut linger short for later values") {
+  manual_clock clock;
+  recorder<int> rec;
+  rec.decide = [](std::span<const int> b, write_behind_results& r, std::size_t call) {
+    if (call == 0) r.retry_all();
+    (void)b;
+  };
+  sluice::write_behind<int, void, manual_clock> wb(
+      {.capacity = 64, .max_batch = 16, .linger = 10ms, .retry = {.base = 1s, .max = 1s, .jitter = sluice::jitter_mode::none}},
+      sink_of(rec), clock);
+  REQUIRE(wb.enqueue(1) == write_behind_status::ok);
+  std::atomic<bool> flushed{false};
+  std::thread flusher_caller([&] {
+    wb.flush();  // 1 goes at once (no linger), fails, waits 1s for its retry
+    flushed = true;
+  });
+  REQUIRE(rec.wait([&] { return rec.total == 1 && rec.in_sink == 0; }));
+  REQUIRE(clock.wait_for_waiters_for(2, 10s));  // the flusher and the flush() caller are parked
+  CHECK(wb.metrics().in_retry == 1);
+  REQUIRE(wb.enqueue(2) == write_behind_status::ok);
+  REQUIRE(taken(wb));
+  REQUIRE(clock.wait_for_waiters_for(2, 10s));
+  CHECK(rec.values() == 1);  // 2 lingers: the flush is not waiting for it
+  clock.advance(10ms);
+  REQUIRE(rec.wait([&] { return rec.total == 2; }));
+  REQUIRE(clock.wait_for_waiters_for(2, 10s));
+  CHECK_FALSE(flushed.load());
+  clock.advance(1s);  // 1's retry is due
+  REQUIRE(rec.wait([&] { return rec.total == 3; }));
+  flusher_caller.join();
+  CHECK(flushed.load());
+  CHECK(rec.calls[1] == std::vector<int>{2});
+  CHECK(rec.calls[2] == std::vector<int>{1});
+  check_balanced(wb.metrics());
+}

@@ -443,6 +443,7 @@ class write_behind {
   struct generation {
     std::uint64_t boundary;     // values with intake index < boundary belong to this or earlier gens
     std::uint64_t outstanding;  // values of this gen not yet resolved
+    std::uint64_t ready = 0;    // ...of which waiting for a batch (not in the sink, not backing off)
   };
 
   // ---- construction helpers ----
@@ -587,7 +588,9 @@ class write_behind {
     }
   }
 
-  [[nodiscard]] bool force_locked() const noexcept { return stopping_ || !sealed_.empty(); }
+  [[nodiscard]] bool force_locked() const noexcept {
+    return stopping_ || sealed_ready_ != 0 || (!sealed_.empty() && taken_ < sealed_.back().boundary);
+  }
 
   [[nodiscard]] std::size_t held_locked() const noexcept {
     if constexpr (keyed) {
@@ -625,6 +628,17 @@ class write_behind {
   generation& gen_record(std::uint64_t gen) noexcept {
     const std::uint64_t i = gen - first_sealed_;
     return i < sealed_.size() ? sealed_[i] : open_;
+  }
+  // A value of generation `gen` became ready for a batch / left the ready structures. flush()
+  // skips linger only while a sealed generation has ready values (or values still in the intake):
+  // a flushed value backing off for seconds must not turn every later value into a batch of one.
+  void ready_add_locked(std::uint64_t gen) noexcept {
+    ++gen_record(gen).ready;
+    if (gen - first_sealed_ < sealed_.size()) ++sealed_ready_;
+  }
+  void ready_sub_locked(std::uint64_t gen) noexcept {
+    --gen_record(gen).ready;
+    if (gen - first_sealed_ < sealed_.size()) --sealed_ready_;
   }
   // A value of generation `gen` reached its end (persisted, failed or coalesced).
   void resolve_locked(std::uint64_t gen) noexcept { --gen_record(gen).outstanding; }
@@ -688,6 +702,7 @@ class write_behind {
         staged_[i].enqueued = now;
         staged_[i].gen = gen_for_index(taken_++, cursor);
         ++gen_record(staged_[i].gen).outstanding;
+        ready_add_locked(staged_[i].gen);
       }
     }
     if (got != 0) {
@@ -751,6 +766,8 @@ class write_behind {
         if (e.pending->attempts > 0) --ready_retries_;
         ++coalesced_;
         resolve_locked(e.pending->gen);
+        ready_sub_locked(e.pending->gen);
+        ready_add_locked(s.gen);
         // The key has had a value waiting since the older stamp: linger (and oldest_pending_age)
         // count from it, or a key updated more often than linger at the FIFO head would defer the
         // batch again and again (each newer value restarting the wait).
@@ -759,6 +776,7 @@ class write_behind {
         e.pending->enqueued = since;
         return;
       }
+      ready_add_locked(s.gen);
       e.pending.emplace(std::move(s));
       ++pending_values_;
       if (!e.in_flight) push_ready(e);
@@ -823,11 +841,13 @@ class write_behind {
       if constexpr (keyed) {
         entry& e = entries_.find(payload.key)->second;
         e.retry_waiting = false;
+        ready_add_locked(payload.item.gen);
         e.pending.emplace(std::move(payload.item));
         ++pending_values_;
         ++ready_retries_;
         push_ready(e);
       } else {
+        ready_add_locked(payload.item.gen);
         retry_ready_.push_back(std::move(payload.item));
       }
     }
@@ -859,6 +879,7 @@ class write_behind {
     if (b.values.empty() || s.enqueued < b.oldest) b.oldest = s.enqueued;
     b.values.push_back(std::move(s.value));
     b.metas.push_back(meta{s.enqueued, s.gen, s.attempts});
+    ready_sub_locked(s.gen);
   }
 
   void take_batch_locked(batch_buffer& b) {
@@ -1088,6 +1109,9 @@ class write_behind {
       staged_.clear();
       staged_head_ = 0;
     }
+    for (generation& g : sealed_) g.ready = 0;  // nothing is left waiting for a batch
+    open_.ready = 0;
+    sealed_ready_ = 0;
     space_ec_.notify_all();
     retire_generations_locked();
   }
@@ -1171,8 +1195,10 @@ class write_behind {
       std::lock_guard lock(m_);
       // Every value accepted before this point has an intake index below the boundary.
       const std::uint64_t boundary = intake_.accepted();
-      sealed_.push_back(generation{boundary, open_.outstanding});
+      sealed_.push_back(generation{boundary, open_.outstanding, open_.ready});
+      sealed_ready_ += open_.ready;
       open_.outstanding = 0;
+      open_.ready = 0;
       gen = first_sealed_ + sealed_.size() - 1;
       retire_generations_locked();
     }
@@ -1211,6 +1237,7 @@ class write_behind {
 
   std::uint64_t taken_ = 0;  // values taken from the intake (the next one's intake index)
   std::vector<generation> sealed_;  // flush generations not yet complete, oldest first
+  std::uint64_t sealed_ready_ = 0;  // sum of sealed_[*].ready
   std::uint64_t first_sealed_ = 0;  // id of sealed_.front(); the open generation's id is first + size
   generation open_{0, 0};
   std::atomic<std::uint64_t> completed_gens_{0};
