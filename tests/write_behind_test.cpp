@@ -923,3 +923,33 @@ TEST_CASE("write_behind: a flush waiting for a retry's backoff does not cut ling
   CHECK(rec.calls[2] == std::vector<int>{1});
   check_balanced(wb.metrics());
 }
+
+// Issue 8's latency point: a value that arrived while the only flusher was in the sink used to be
+// stamped when the flusher came back, so it waited linger plus that sink call. It now counts from
+// the last take that emptied the intake (no later than its enqueue).
+TEST_CASE("write_behind: a value enqueued while the flusher is in the sink lingers from then, not from its return") {
+  manual_clock clock;
+  recorder<int> rec;
+  sluice::write_behind<int, void, manual_clock> wb({.capacity = 64, .max_batch = 16, .linger = 10ms}, sink_of(rec),
+                                                  clock);
+  REQUIRE(wb.enqueue(1) == write_behind_status::ok);
+  REQUIRE(taken(wb));
+  REQUIRE(clock.wait_for_waiters_for(1, 10s));  // lingering until 10ms
+  {
+    std::lock_guard lock(rec.m);
+    rec.gate_open = false;
+  }
+  clock.advance(10ms);
+  REQUIRE(rec.wait([&] { return rec.in_sink == 1; }));  // [1] is in the sink from t = 10ms
+  REQUIRE(wb.enqueue(2) == write_behind_status::ok);    // arrives at t = 10ms
+  clock.advance(3ms);                                   // the sink call takes 3ms
+  rec.open();
+  REQUIRE(rec.wait([&] { return rec.calls.size() == 1 && rec.in_sink == 0; }));
+  REQUIRE(clock.wait_for_waiters_for(1, 10s));  // took 2, lingers
+  CHECK(rec.values() == 1);
+  clock.advance(7ms);  // t = 20ms: 2 has waited linger since it arrived
+  REQUIRE(rec.wait([&] { return rec.calls.size() == 2; }, 10s));
+  CHECK(rec.calls[1] == std::vector<int>{2});
+  wb.flush();
+  check_balanced(wb.metrics());
+}

@@ -677,10 +677,16 @@ class write_behind {
   void take_from_intake_locked(batch_buffer& b, time_point now) {
     // A producer that woke us stamped the time it enqueued: values taken now are no younger.
     // relaxed: a hint (see wake_flusher()).
+    const time_point took_at = now;
     if (const auto w = woken_at_.exchange(no_stamp, std::memory_order_relaxed); w != no_stamp) {
       const time_point at(std::chrono::duration_cast<typename Clock::duration>(std::chrono::nanoseconds(w)));
       if (at < now) now = at;
     }
+    // Values that arrived while no flusher was parked idle (all in the sink, or lingering) woke
+    // nobody and carry no stamp; they all came after the last take that emptied the intake, so
+    // they count from that take: at worst a little early, never a sink call late (the take time
+    // would make a value that arrived as a sink call began wait linger + that call).
+    if (empty_since_ && *empty_since_ < now) now = *empty_since_;
     const std::size_t held = held_locked();
     const bool unlimited = stopping_ && drain_expired_;
     if (!unlimited && held >= options_.capacity) return;
@@ -705,6 +711,7 @@ class write_behind {
         ready_add_locked(staged_[i].gen);
       }
     }
+    if (got < room) empty_since_ = took_at;  // it gave us everything it had
     if (got != 0) {
       space_ec_.notify_all();  // producers waiting for room (no system call if none is parked)
       if (unlimited) expire_locked(b);
@@ -1163,6 +1170,8 @@ class write_behind {
     if (!heap_.empty()) consider(heap_.top_deadline());
     if (stopping_ && !drain_expired_) consider(drain_deadline_);
     const std::size_t threshold = threshold_locked();
+    // Parked idle, the first value wakes us and its producer stamps the time: no bound needed.
+    if (ready == 0 && threshold == 1) empty_since_.reset();
     // seq_cst: read by producers after they observe our registration (see wake_flusher()).
     wake_threshold_.store(threshold, std::memory_order_seq_cst);
     const auto key = work_ec_.prepare_wait();
@@ -1252,6 +1261,7 @@ class write_behind {
   alignas(detail::cache_line) std::atomic<std::size_t> wake_threshold_{1};
   std::atomic<bool> wake_sent_{false};  // a producer has woken a parked flusher (see wake_flusher())
   static constexpr std::int64_t no_stamp = std::numeric_limits<std::int64_t>::min();
+  std::optional<time_point> empty_since_;  // the last take that emptied the intake (see take_from_intake_locked())
   std::atomic<std::int64_t> woken_at_{no_stamp};  // when the waking producer enqueued (ns since epoch)
   alignas(detail::cache_line) detail::event_count work_ec_;   // flushers park here
   alignas(detail::cache_line) detail::event_count space_ec_;  // producers wait for room here
