@@ -9,6 +9,8 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <future>
 #include <latch>
@@ -874,4 +876,58 @@ TEST_CASE("reconcile_pipeline: bad options throw std::invalid_argument naming th
   spipe p({.max_parallel = 1}, [](const item&, std::stop_token) { return reconcile_result::done(); });
   CHECK_THROWS_AS(p.submit(item{1, 1}, {.priority = 2}), std::invalid_argument);
   CHECK_THROWS_AS(p.submit(item{1, 1}, {.reason = reconcile_reason::retry_after_failure}), std::invalid_argument);
+}
+
+// Review r1 F1: stop() walked slab chunks that freeing the last live node released mid-loop
+// (use-after-free, segfault, or an endless slot_index::erase under the lock).
+TEST_CASE("reconcile_pipeline: stop with more live keys than capacity rounds up to (r1 F1)") {
+  const int keys = 600;  // > 2 chunks of 256; capacity 16 retains one chunk
+  SECTION("every key scheduled") {
+    manual_clock clock;
+    std::atomic<int> reported{0};
+    mpipe::options o;
+    o.max_parallel = 2;
+    o.capacity = 16;
+    o.on_unprocessed = [&](sluice::unprocessed<int, item>&&) { ++reported; };
+    mpipe p(o, [](const item&, std::stop_token) { return reconcile_result::done(); }, clock);
+    for (int k = 0; k < keys; ++k) {
+      sluice::submit_options so;
+      so.delay = 1h;  // scheduled: not limited by capacity
+      REQUIRE(p.submit(item{k, 1}, so) == submit_status::ok);
+    }
+    REQUIRE(p.internal_sizes().slab_capacity >= static_cast<std::size_t>(keys));
+    p.stop();
+    CHECK(reported == keys);
+    const auto s = p.internal_sizes();
+    CHECK(s.keys == 0);
+    CHECK(s.slab_capacity <= 256);
+    CHECK(p.metrics().balanced());
+  }
+  SECTION("a burst drained, one periodic key (id 0) still live") {
+    manual_clock clock;
+    std::atomic<int> reported{0};
+    mpipe::options o;
+    o.max_parallel = 2;
+    o.capacity = 16;
+    o.on_unprocessed = [&](sluice::unprocessed<int, item>&&) { ++reported; };
+    mpipe p(o, [](const item& e, std::stop_token) {
+      return e.key == 0 ? reconcile_result::requeue_after(1h) : reconcile_result::done();
+    }, clock);
+    for (int k = 0; k < keys; ++k) {
+      sluice::submit_options so;
+      so.delay = 1s;
+      REQUIRE(p.submit(item{k, 1}, so) == submit_status::ok);
+    }
+    clock.advance(1s);
+    REQUIRE(eventually([&] { return p.metrics().reconciled == static_cast<std::uint64_t>(keys); }));
+    REQUIRE(eventually([&] { return p.internal_sizes().keys == 1 && p.metrics().scheduled == 1; }));
+    CHECK(p.internal_sizes().slab_capacity >= static_cast<std::size_t>(keys));  // pinned by key 0
+    p.stop();
+    CHECK(reported == 1);
+    const auto s = p.internal_sizes();
+    CHECK(s.keys == 0);
+    CHECK(s.index_entries == 0);
+    CHECK(s.slab_capacity <= 256);
+    CHECK(p.metrics().balanced());
+  }
 }

@@ -1108,6 +1108,9 @@ class reconcile_pipeline {
     if (finalizing_) return;
     finalizing_ = true;
     std::vector<unprocessed<key_type, Entity>> out;
+    // Freeing the last live node must not release chunks this loop has yet to walk (review r1 F1):
+    // the slab shrinks once, after the loop.
+    slab_.hold_shrink();
     const std::size_t cap = slab_.capacity();
     for (std::uint32_t id = 0; id < cap; ++id) {
       node& n = slab_[id];
@@ -1126,6 +1129,7 @@ class reconcile_pipeline {
       }
       if (!n.running) free_node_locked(id, n);
     }
+    slab_.end_hold();
     lk.unlock();
     std::uint64_t errors = 0;
     const reconcile_pipeline* const outer = tl_self_;

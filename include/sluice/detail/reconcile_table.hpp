@@ -107,11 +107,27 @@ class node_slab {
   }
 
   /// Returns a node (its members already reset by the owner). Never allocates; at zero live
-  /// nodes every chunk but the first is released.
+  /// nodes every chunk beyond the retained floor is released, unless hold_shrink() is in effect
+  /// (a caller walking ids 0..capacity() must not see chunks vanish under it).
   void release(std::uint32_t id) noexcept {
     (*this)[id].next = free_;
     free_ = id;
-    if (--live_ == 0 && chunks_.size() > retain_chunks_) {
+    if (--live_ == 0 && !hold_) shrink_if_empty();
+  }
+
+  /// While held, release() never shrinks; end_hold() shrinks once if the slab is then empty.
+  void hold_shrink() noexcept { hold_ = true; }
+  void end_hold() noexcept {
+    hold_ = false;
+    if (live_ == 0) shrink_if_empty();
+  }
+
+  /// How many nodes' worth of chunks to keep when the slab empties (rounded up to chunks).
+  void set_retained(std::size_t nodes) noexcept { retain_chunks_ = (nodes + chunk_size - 1) / chunk_size; }
+
+ private:
+  void shrink_if_empty() noexcept {
+    if (chunks_.size() > retain_chunks_) {
       chunks_.resize(retain_chunks_);
       const auto n = static_cast<std::uint32_t>(chunks_.size() * chunk_size);
       for (std::uint32_t i = 0; i < n; ++i) (*this)[i].next = i + 1 < n ? i + 1 : no_node;
@@ -119,14 +135,11 @@ class node_slab {
     }
   }
 
-  /// How many nodes' worth of chunks to keep when the slab empties (rounded up to chunks).
-  void set_retained(std::size_t nodes) noexcept { retain_chunks_ = (nodes + chunk_size - 1) / chunk_size; }
-
- private:
   std::vector<std::unique_ptr<Node[]>> chunks_;
   std::uint32_t free_ = no_node;
   std::size_t live_ = 0;
   std::size_t retain_chunks_ = 1;
+  bool hold_ = false;
 };
 
 class slot_index {
