@@ -931,3 +931,61 @@ TEST_CASE("reconcile_pipeline: stop with more live keys than capacity rounds up 
     CHECK(p.metrics().balanced());
   }
 }
+
+namespace {
+/// Ends the process if not disarmed within `limit` (a deadlock must fail the test, not hang it).
+struct hang_guard {
+  std::shared_ptr<std::atomic<bool>> done = std::make_shared<std::atomic<bool>>(false);
+  explicit hang_guard(const char* what, std::chrono::seconds limit = 20s) {
+    std::thread([d = done, what, limit] {
+      const auto until = std::chrono::steady_clock::now() + limit;
+      while (!d->load()) {
+        if (std::chrono::steady_clock::now() > until) {
+          std::fprintf(stderr, "hang_guard: %s did not finish\n", what);
+          std::_Exit(3);
+        }
+        std::this_thread::sleep_for(10ms);
+      }
+    }).detach();
+  }
+  ~hang_guard() { done->store(true); }
+};
+}  // namespace
+
+// Review r1 F11: request_stop() ran the user's std::stop_callbacks under the pipeline's lock, so a
+// callback touching the pipeline deadlocked.
+TEST_CASE("reconcile_pipeline: stop callbacks run outside the lock and may call the pipeline (r1 F11)") {
+  for (int mode = 0; mode < 3; ++mode) {  // 0 cancel(key), 1 stop(), 2 reconcile_timeout
+    INFO("mode " << mode);
+    hang_guard guard("stop callback test");
+    manual_clock clock;
+    mpipe* self = nullptr;
+    std::atomic<bool> in{false};
+    std::atomic<int> seen_in_flight{-1};
+    mpipe::options o;
+    o.max_parallel = 1;
+    if (mode == 2) o.reconcile_timeout = 50ms;
+    mpipe p(o, [&](const item&, const mpipe::context& ctx) {
+      std::atomic<bool> stopped{false};
+      std::stop_callback cb(ctx.stop, [&] {
+        seen_in_flight = static_cast<int>(self->metrics().in_flight);  // re-enters the pipeline
+        (void)self->is_closed();
+        stopped = true;
+      });
+      in = true;
+      while (!stopped) std::this_thread::yield();
+      return reconcile_result::done();
+    }, clock);
+    self = &p;
+    REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+    REQUIRE(eventually([&] { return in.load(); }));
+    if (mode == 0) CHECK(p.cancel(1).stop_requested);
+    if (mode == 1) p.stop();
+    if (mode == 2) clock.advance(50ms);
+    REQUIRE(eventually([&] { return seen_in_flight.load() >= 0; }));
+    CHECK(seen_in_flight == 1);
+    p.stop();
+    CHECK(p.metrics().balanced());
+    if (mode == 2) CHECK(p.metrics().timeouts == 1);
+  }
+}

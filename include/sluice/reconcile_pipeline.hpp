@@ -133,6 +133,8 @@ class reconcile_pipeline {
     heap_.set_retained(opts_.capacity);
     levels_.resize(static_cast<std::size_t>(opts_.priority_levels));
     workers_.resize(opts_.max_parallel);
+    stop_scratch_.resize(opts_.max_parallel, std::stop_source(std::nostopstate));
+    watchdog_scratch_.resize(opts_.max_parallel, std::stop_source(std::nostopstate));
     try {
       threads_.reserve(opts_.max_parallel);
       for (std::size_t w = 0; w < opts_.max_parallel; ++w) threads_.emplace_back([this, w] { worker_main(w); });
@@ -198,10 +200,11 @@ class reconcile_pipeline {
       out.removed_pending = true;
     }
     n.failures = 0;
+    std::stop_source to_stop(std::nostopstate);
     if (n.running) {
       if (stop_running) {
         n.cancel_run = true;
-        request_worker_stop_locked(workers_[n.worker]);
+        to_stop = take_worker_stop_locked(workers_[n.worker]);
         out.stop_requested = true;
       }
     } else {
@@ -210,6 +213,9 @@ class reconcile_pipeline {
     const bool notify_idle = idle_waiters_ > 0;
     const bool notify_space = submit_waiters_ > 0;
     lk.unlock();
+    // After unlocking (review r1 F11): request_stop() runs the user's std::stop_callbacks on this
+    // thread, and they may call back into the pipeline.
+    to_stop.request_stop();
     if (notify_idle) idle_ec_.notify_all();
     if (notify_space) submit_ec_.notify_all();
     return out;
@@ -222,8 +228,9 @@ class reconcile_pipeline {
   /// the shutdown and returns at once (the last running worker finishes it).
   void stop() {
     std::unique_lock lk(mu_);
-    begin_stop_locked();
+    const bool first = begin_stop_locked();
     lk.unlock();
+    if (first) fire_stops(stop_scratch_);  // outside the lock: user stop_callbacks run here (r1 F11)
     wake_everyone();
     if (tl_self_ == this) return;
     lk.lock();
@@ -758,9 +765,19 @@ class reconcile_pipeline {
     return id;
   }
 
-  void request_worker_stop_locked(worker_state& ws) noexcept {
+  // The run's stop source, to request_stop() on after unlocking (never under the lock: that runs
+  // user std::stop_callbacks inside the critical section). The worker replaces its source at its
+  // next pick, so the copy targets exactly this run; a late request on a finished run is harmless.
+  [[nodiscard]] std::stop_source take_worker_stop_locked(worker_state& ws) noexcept {
     ws.stop_used = true;
-    ws.stop.request_stop();
+    return ws.stop;
+  }
+
+  static void fire_stops(std::vector<std::stop_source>& v) noexcept {
+    for (std::stop_source& s : v) {
+      if (s.stop_possible()) s.request_stop();
+      s = std::stop_source(std::nostopstate);
+    }
   }
 
   void worker_main(std::size_t w) {
@@ -1059,15 +1076,24 @@ class reconcile_pipeline {
         break;
       }
       std::optional<time_point> next;
-      for (worker_state& ws : workers_) {
+      bool fired = false;
+      for (std::size_t w = 0; w < workers_.size(); ++w) {
+        worker_state& ws = workers_[w];
         if (ws.node == detail::no_node || ws.timed_out) continue;
         const time_point due = detail::add_ns(ws.started, timeout);
         if (due <= now) {
           ws.timed_out = true;
-          request_worker_stop_locked(ws);
+          watchdog_scratch_[w] = take_worker_stop_locked(ws);
+          fired = true;
         } else if (!next || due < *next) {
           next = due;
         }
+      }
+      if (fired) {  // request the stops outside the lock (r1 F11), then look again
+        lk.unlock();
+        fire_stops(watchdog_scratch_);
+        lk.lock();
+        continue;
       }
       watchdog_untimed_ = !next;
       park_locked(lk, watchdog_ec_, watchdog_waiters_, next);
@@ -1077,13 +1103,16 @@ class reconcile_pipeline {
 
   // ---- shutdown internals --------------------------------------------------------------------
 
-  void begin_stop_locked() noexcept {
+  // True for the one caller that began the shutdown: it then owns stop_scratch_ and must
+  // fire_stops() it after unlocking.
+  [[nodiscard]] bool begin_stop_locked() noexcept {
     closed_ = true;
-    if (stopping_) return;
+    if (stopping_) return false;
     stopping_ = true;
-    for (worker_state& ws : workers_) {
-      if (ws.node != detail::no_node) request_worker_stop_locked(ws);
+    for (std::size_t w = 0; w < workers_.size(); ++w) {
+      if (workers_[w].node != detail::no_node) stop_scratch_[w] = take_worker_stop_locked(workers_[w]);
     }
+    return true;
   }
 
   void fault_locked(std::exception_ptr e) noexcept {
@@ -1168,6 +1197,8 @@ class reconcile_pipeline {
   detail::deadline_heap<time_point> heap_;
   std::vector<level> levels_;
   std::vector<worker_state> workers_;
+  std::vector<std::stop_source> stop_scratch_;      // written once, by the caller that begins the stop
+  std::vector<std::stop_source> watchdog_scratch_;  // the watchdog thread's alone
   reconcile_metrics m_;
   std::size_t queued_ = 0;
   std::size_t waiting_ = 0;
