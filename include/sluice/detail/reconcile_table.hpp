@@ -35,36 +35,84 @@
 
 namespace sluice::detail {
 
+// A futex-style lock (spin briefly, then park) with bounded barging (review r1 F14). Running
+// threads may take a just-released lock ahead of parked ones (cheap hand-over between workers),
+// but a parked waiter that has been woken and lost the race `max_lost_wakes` times raises the
+// starving bit: from then on only it may take the lock (newcomers' CAS from 0 fail, since the
+// word is non-zero), and unlock() wakes everyone so it is sure to be among them. One starving
+// waiter at a time; the others keep waiting as before. An outside caller therefore waits for at
+// most a few of the workers' critical sections plus its own wake-ups, not for an unbounded run.
 class spin_mutex {
  public:
+  static constexpr std::uint32_t locked = 1, sleepers = 2, starving = 4;
+  static constexpr int max_lost_wakes = 1;
+
   void lock() noexcept {
     std::uint32_t expected = 0;
     // acquire: pairs with the release in unlock(); the critical section happens after it.
-    if (state_.compare_exchange_strong(expected, 1, std::memory_order_acquire, std::memory_order_relaxed)) return;
-    for (int i = 0; i < 256; ++i) {
+    if (state_.compare_exchange_strong(expected, locked, std::memory_order_acquire, std::memory_order_relaxed)) return;
+    for (int i = 0; i < 64; ++i) {
       cpu_relax();
       if (try_lock()) return;
     }
-    for (int i = 0; i < 4; ++i) {  // the holder may be preempted on this very core: let it run
-      std::this_thread::yield();
-      if (try_lock()) return;
-    }
-    // 2 = locked with (possible) sleepers; acquire as above.
-    while (state_.exchange(2, std::memory_order_acquire) != 0) state_.wait(2, std::memory_order_relaxed);
+    // No sched_yield here: on a loaded machine one yield can give the core away for a whole
+    // time slice (review r1 F6/F14); parking is cheaper and bounded.
+    lock_slow();
   }
   bool try_lock() noexcept {
     std::uint32_t expected = 0;
     // relaxed pre-check keeps a spinning reader from stealing the line; acquire as in lock().
     return state_.load(std::memory_order_relaxed) == 0 &&
-           state_.compare_exchange_strong(expected, 1, std::memory_order_acquire, std::memory_order_relaxed);
+           state_.compare_exchange_strong(expected, locked, std::memory_order_acquire, std::memory_order_relaxed);
   }
   void unlock() noexcept {
-    // release: publishes the critical section to the next acquirer.
-    if (state_.exchange(0, std::memory_order_release) == 2) state_.notify_one();
+    // release: publishes the critical section to the next acquirer. Clears locked and sleepers,
+    // keeps starving (so nobody but the starving waiter can take the lock now).
+    const std::uint32_t prev = state_.fetch_and(starving, std::memory_order_release);
+    if ((prev & starving) != 0) {
+      parked_.notify_all();
+    } else if ((prev & sleepers) != 0) {
+      parked_.notify_one();
+    }
   }
 
  private:
+  void lock_slow() noexcept {
+    int lost = 0;
+    bool starver = false;
+    for (;;) {
+      // relaxed: the CAS below that takes the lock is acquire.
+      std::uint32_t s = state_.load(std::memory_order_relaxed);
+      const std::uint32_t blocked_by = starver ? locked : (locked | starving);
+      if ((s & blocked_by) == 0) {
+        // Taken with `sleepers` set: others may be parked, so our unlock must wake one. Clears
+        // starving (set only if we are the starver: otherwise blocked_by excluded it).
+        if (state_.compare_exchange_weak(s, locked | sleepers,
+                                         std::memory_order_acquire, std::memory_order_relaxed)) {
+          return;
+        }
+        continue;
+      }
+      // Registered before announcing `sleepers`: unlock() reads the bit after our CAS and then
+      // notifies, which the event_count protocol guarantees we see (no lost wake-up). Parking
+      // through event_count (a plain futex) rather than std::atomic::wait, whose spin phase
+      // sched_yield()s, which on a loaded machine costs a time slice (review r1 F14).
+      const auto key = parked_.prepare_wait();
+      std::uint32_t want = s | sleepers;
+      if (!starver && lost >= max_lost_wakes && (s & starving) == 0) want |= starving;
+      // relaxed: only announces intent; the acquiring CAS above orders the critical section.
+      if (!state_.compare_exchange_strong(s, want, std::memory_order_relaxed, std::memory_order_relaxed)) {
+        parked_.cancel_wait();
+        continue;
+      }
+      if ((want & starving) != 0 && (s & starving) == 0) starver = true;
+      parked_.wait(key);
+      ++lost;
+    }
+  }
+
   std::atomic<std::uint32_t> state_{0};
+  event_count parked_;
 };
 
 inline constexpr std::uint32_t no_node = std::numeric_limits<std::uint32_t>::max();
