@@ -1024,3 +1024,39 @@ TEST_CASE("reconcile_pipeline: an outside caller is not starved by busy workers 
     CHECK(p.metrics().balanced());
   }
 }
+
+// Review r1 F3: after a slow on_dead_letter, the worker's next run started with the clock read
+// from before the callback, so the watchdog timed it out at once.
+TEST_CASE("reconcile_pipeline: the run after a slow dead-letter callback gets a fresh start time (r1 F3)") {
+  hang_guard guard("stale start time test");
+  manual_clock clock;
+  gate g;
+  std::atomic<bool> key2_stopped{false};
+  std::atomic<bool> key2_done{false};
+  mpipe::options o;
+  o.max_parallel = 1;
+  o.reconcile_timeout = 100ms;
+  o.on_dead_letter = [&](sluice::dead_letter<int, item>&&) { clock.advance(300ms); };  // a "slow" callback
+  mpipe p(o, [&](const item& e, const mpipe::context& c) -> reconcile_result {
+    if (e.key == 1) {
+      g.wait();
+      return reconcile_result::terminal("give up");
+    }
+    const auto until = std::chrono::steady_clock::now() + 100ms;  // real time: lets the watchdog look
+    while (std::chrono::steady_clock::now() < until && !c.stop.stop_requested()) std::this_thread::yield();
+    key2_stopped = c.stop.stop_requested();
+    key2_done = true;
+    return reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+  REQUIRE(p.submit(item{2, 1}) == submit_status::ok);
+  g.release();
+  REQUIRE(eventually([&] { return key2_done.load(); }));
+  CHECK_FALSE(key2_stopped);
+  p.stop();
+  const auto m = p.metrics();
+  CHECK(m.timeouts == 0);
+  CHECK(m.succeeded == 1);
+  CHECK(m.balanced());
+}

@@ -886,6 +886,9 @@ class reconcile_pipeline {
         if (dead) deliver_dead_letter(std::move(*dead));
         lk.lock();
         if (dead && --delivering_ == 0 && idle_waiters_ > 0) idle_ec_.notify_all();  // rare: under the lock
+        // The callback took arbitrarily long: the next run's start (its timeout, its durations)
+        // must come from a clock read after it (review r1 F3).
+        if (dead) read_now(false);
       }
     }
     // Leaving: the last worker out after a stop begun from inside a callback finishes it.
