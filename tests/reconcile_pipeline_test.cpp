@@ -1060,3 +1060,29 @@ TEST_CASE("reconcile_pipeline: the run after a slow dead-letter callback gets a 
   CHECK(m.succeeded == 1);
   CHECK(m.balanced());
 }
+
+// Review r1 F7: a backoff reaching backoff.max = nanoseconds::max() overflowed the double -> int64
+// conversion and retried at once, in a hot loop.
+TEST_CASE("reconcile_pipeline: a backoff capped at nanoseconds::max() never retries early (r1 F7)") {
+  hang_guard guard("backoff cap test");
+  manual_clock clock;
+  std::atomic<int> runs{0};
+  mpipe::options o;
+  o.max_parallel = 1;
+  o.backoff.base = 1h;
+  o.backoff.max = std::chrono::nanoseconds::max();
+  o.backoff.multiplier = 1e9;
+  o.backoff.max_retries = std::nullopt;
+  mpipe p(o, [&](const item&, std::stop_token) {
+    ++runs;
+    return reconcile_result::failure("x");
+  }, clock);
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().scheduled == 1; }));
+  clock.advance(1h);  // the first retry is due; the second would be 1e9 h later (capped: never)
+  REQUIRE(eventually([&] { return runs.load() == 2 && p.metrics().scheduled == 1; }));
+  std::this_thread::sleep_for(50ms);  // real time only: a hot retry loop would run thousands of times
+  CHECK(runs == 2);
+  p.stop();
+  CHECK(p.metrics().balanced());
+}

@@ -508,6 +508,10 @@ class reconcile_pipeline {
       const double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng_);
       out = b.jitter == jitter_mode::full ? d * u : d / 2 + (d / 2) * u;
     }
+    // Never convert a double at or above the cap (2^63 for nanoseconds::max(), which is out of
+    // int64's range: UB, and INT64_MIN on x86, i.e. an immediate retry; review r1 F7).
+    if (!(out > 0)) return std::chrono::nanoseconds(0);
+    if (out >= cap) return b.max;
     return std::chrono::nanoseconds(static_cast<std::int64_t>(out));
   }
 
