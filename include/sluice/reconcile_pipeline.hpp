@@ -164,6 +164,10 @@ class reconcile_pipeline {
   // Every form leaves `e` untouched unless it returns ok. Thread-safe. May block (not the try_
   // forms). May allocate (a new key's state). Exceptions from KeyFn, Hash or KeyEqual propagate,
   // with nothing changed.
+  // From inside a reconcile (or another callback of this pipeline) use the try_ forms only: a
+  // blocking submit there waits for intake room that only the workers free (and with
+  // conflict_strategy::wait, for another key whose reconcile may be submitting back to this one),
+  // so it can stall every worker until stop() (review r1 F10; not detected).
 
   [[nodiscard]] submit_status submit(Entity&& e, const submit_options& so = {}) {
     return submit_impl(e, so, std::nullopt, nullptr, false);
