@@ -103,14 +103,22 @@ auto sink_of(recorder<T>& r) {
 
 struct failure_log {
   std::mutex m;
+  std::condition_variable cv;
   std::vector<std::pair<int, sluice::write_behind_failure>> items;
   void add(int v, const sluice::write_behind_failure& f) {
     std::lock_guard lock(m);
     items.emplace_back(v, f);
+    cv.notify_all();
   }
   std::size_t size() {
     std::lock_guard lock(m);
     return items.size();
+  }
+  // Waits (real time, bounded) until at least n failures were reported: on_failed runs on the
+  // flusher after the sink returns, so a test must not assume it ran by the time the sink did.
+  bool wait_for_size(std::size_t n, std::chrono::seconds limit = 30s) {
+    std::unique_lock lock(m);
+    return cv.wait_for(lock, limit, [&] { return items.size() >= n; });
   }
 };
 
@@ -369,6 +377,7 @@ TEST_CASE("write_behind: only the items marked retry are retried, after the back
   sluice::write_behind<int, void, manual_clock> wb(o, sink_of(rec), clock);
   for (int i = 0; i < 5; ++i) REQUIRE(wb.enqueue(i) == write_behind_status::ok);
   REQUIRE(rec.wait([&] { return rec.total == 5 && rec.in_sink == 0; }));
+  REQUIRE(failures.wait_for_size(1));
   clock.wait_for_waiters(1);
   REQUIRE(failures.size() == 1);
   CHECK(failures.items[0].first == 3);
