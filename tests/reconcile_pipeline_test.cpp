@@ -1088,3 +1088,46 @@ TEST_CASE("reconcile_pipeline: a backoff capped at nanoseconds::max() never retr
   p.stop();
   CHECK(p.metrics().balanced());
 }
+
+// Review r1 F15: a run that asked for a requeue (or failed) while a newer version of its key was
+// scheduled later lost its own deadline: the key next ran at the newer version's deadline.
+TEST_CASE("reconcile_pipeline: a run's own requeue or retry deadline beats a later-scheduled newer version (r1 F15)") {
+  for (int mode = 0; mode < 3; ++mode) {  // 0 requeue_after(1s), 1 failure (backoff 1 s), 2 requeue_after(0)
+    INFO("mode " << mode);
+    hang_guard guard("earliest deadline test");
+    manual_clock clock;
+    gate g;
+    recorder rec;
+    mpipe::options o;
+    o.max_parallel = 1;
+    o.backoff.base = 1s;
+    o.backoff.max = 1s;
+    mpipe p(o, [&](const item& e, const mpipe::context& c) {
+      if (e.version == 1) g.wait();
+      rec.add(e, c);
+      if (e.version != 1) return reconcile_result::done();
+      if (mode == 1) return reconcile_result::failure("x");
+      return reconcile_result::requeue_after(mode == 0 ? 1s : 0s);
+    }, clock);
+    REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+    REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+    REQUIRE(p.submit(item{1, 2}, {.delay = 1h}) == submit_status::ok);  // newer, due much later
+    g.release();
+    if (mode != 2) {
+      REQUIRE(eventually([&] { return rec.size() == 1 && p.metrics().in_flight == 0; }));
+      CHECK(p.metrics().scheduled == 1);
+      clock.advance(999ms);
+      CHECK(rec.size() == 1);
+      clock.advance(1ms);  // the run's own deadline (1 s), not the newer version's (1 h)
+    }
+    REQUIRE(eventually([&] { return rec.size() == 2 && p.metrics().keys == 0; }));
+    const auto runs = rec.get();
+    CHECK(runs[1].version == 2);  // the newest entity...
+    CHECK(runs[1].reason == (mode == 1 ? reconcile_reason::retry_after_failure : reconcile_reason::requeue_requested));
+    CHECK(runs[1].attempt == (mode == 1 ? 2u : 1u));
+    const auto m = p.metrics();
+    CHECK(m.coalesced == 1);  // ...and the run's own version counted as replaced
+    CHECK(m.scheduled == 0);
+    CHECK(m.balanced());
+  }
+}

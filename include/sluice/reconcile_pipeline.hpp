@@ -23,7 +23,9 @@
 // - Dedup rule, for every submission that meets a pending version of its key (queued, scheduled
 //   or waiting behind a run): the NEWEST entity, the EARLIEST deadline, the HIGHEST priority win;
 //   the replaced version is counted `coalesced`. A submission therefore pre-empts a scheduled
-//   retry or requeue (it runs now), and that early run does not escalate the backoff.
+//   retry or requeue (it runs now), and that early run does not escalate the backoff. The same
+//   holds when a run ends with a requeue or retry while a newer version is scheduled: the newer
+//   entity runs at the earlier of the two deadlines.
 // - Conflicts (a submission for a running key), options.on_conflict: coalesce (default: keep the
 //   newest as the one pending version, run it when the current run ends: nothing lost, nothing
 //   duplicated, no polling), discard (submit returns `discarded`; the entity stays with the
@@ -1007,7 +1009,23 @@ class reconcile_pipeline {
     }
     if (keep) {
       if (n.pend != pend_none) {
-        ++m_.coalesced;  // a newer version is pending: it supersedes this one
+        ++m_.coalesced;  // a newer version is pending: its entity supersedes this one...
+        // ...but this run's requeue / retry deadline still counts (dedup rule: the earliest
+        // deadline wins; review r1 F15). A queued or waiting version runs next anyway; a scheduled
+        // one moves up to this run's deadline, and then runs for this run's reason.
+        if (n.pend == pend_scheduled) {
+          if (delay <= std::chrono::nanoseconds::zero()) {
+            heap_erase_locked(n.heap_pos, pos_fn());
+            n.reason = next_reason;
+            n.ready_at = stamp;
+            push_queued_locked(id, n);
+          } else if (const time_point mine = detail::add_ns(end, delay); mine < n.deadline) {
+            n.deadline = mine;
+            n.reason = next_reason;
+            heap_.update(n.heap_pos, mine, pos_fn());
+            note_deadline_locked(mine, wake_timer);
+          }
+        }
       } else {
         n.entity.emplace(std::move(*local));
         n.reason = next_reason;
