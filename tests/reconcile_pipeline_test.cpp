@@ -17,6 +17,7 @@
 #include <latch>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -1130,4 +1131,77 @@ TEST_CASE("reconcile_pipeline: a run's own requeue or retry deadline beats a lat
     CHECK(m.scheduled == 0);
     CHECK(m.balanced());
   }
+}
+
+namespace {
+std::atomic<bool> key_copies_throw{false};
+/// A key whose copy throws std::bad_alloc while key_copies_throw is set (memory exhaustion).
+struct fragile_key {
+  int v = 0;
+  explicit fragile_key(int x) : v(x) {}
+  fragile_key(const fragile_key& o) : v(o.v) {
+    if (key_copies_throw) throw std::bad_alloc();
+  }
+  fragile_key(fragile_key&& o) noexcept : v(o.v) {}
+  fragile_key& operator=(const fragile_key&) = default;
+  bool operator==(const fragile_key& o) const noexcept { return v == o.v; }
+};
+struct fragile_hash {
+  std::size_t operator()(const fragile_key& k) const noexcept { return std::hash<int>{}(k.v); }
+};
+struct fragile_key_of {
+  fragile_key operator()(const item& e) const { return fragile_key(e.key); }
+};
+}  // namespace
+
+// Review r1 F4: copying the key into the dead letter could throw on a worker: std::terminate.
+TEST_CASE("reconcile_pipeline: a throwing key copy in the dead-letter path faults cleanly (r1 F4)") {
+  using fpipe = sluice::reconcile_pipeline<item, fragile_key_of, manual_clock, fragile_hash>;
+  hang_guard guard("key copy test");
+  for (int mode = 0; mode < 2; ++mode) {  // 0: nothing else pending (key moved out), 1: a newer version waits
+    INFO("mode " << mode);
+    key_copies_throw = false;
+    manual_clock clock;
+    gate g;
+    std::atomic<int> dead{0};
+    std::atomic<int> dead_key{-1};
+    fpipe::options o;
+    o.max_parallel = 1;
+    o.on_dead_letter = [&](sluice::dead_letter<fragile_key, item>&& d) {
+      dead_key = d.key.v;
+      ++dead;
+    };
+    fpipe p(o, [&](const item& e, const fpipe::context&) {
+      if (e.version == 1) g.wait();
+      key_copies_throw = true;  // from here on, memory is exhausted
+      return reconcile_result::terminal("gone");
+    }, clock);
+    REQUIRE(p.submit(item{7, 1}) == submit_status::ok);
+    REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+    if (mode == 1) REQUIRE(p.submit(item{7, 2}) == submit_status::ok);  // coalesced behind the run
+    g.release();
+    if (mode == 0) {
+      REQUIRE(eventually([&] { return dead.load() == 1; }));
+      key_copies_throw = false;
+      CHECK(dead_key == 7);
+      const auto m = p.metrics();
+      CHECK_FALSE(m.faulted);
+      CHECK(m.dead_lettered == 1);
+      CHECK(m.keys == 0);
+      CHECK(m.balanced());
+    } else {
+      REQUIRE(eventually([&] { return p.metrics().faulted; }));
+      key_copies_throw = false;
+      CHECK_THROWS_AS(p.wait(), std::bad_alloc);
+      const auto m = p.metrics();
+      CHECK(dead == 0);             // the dead letter could not be built...
+      CHECK(m.dead_lettered == 1);  // ...but its version is accounted for
+      CHECK(m.queued == 1);         // the newer version is still pending
+      CHECK(m.balanced());
+      CHECK(p.submit(item{8, 1}) == submit_status::closed);
+    }
+    p.stop();
+    CHECK(p.metrics().balanced());
+  }
+  key_copies_throw = false;
 }

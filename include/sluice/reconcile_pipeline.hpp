@@ -884,7 +884,7 @@ class reconcile_pipeline {
       lk.lock();
       std::optional<dead_letter<key_type, Entity>> dead;
       bool wake_timer = false;  // a deadline earlier than every parked worker's: wake one to watch it
-      finish_locked(ws, id, res, now, stamp, local, dead, wake_timer);
+      finish_locked(ws, id, res, now, stamp, local, dead, wake_timer, machinery);
       const bool notify_submit = key_waiters_ > 0;
       const bool notify_idle = idle_waiters_ > 0 && ((queued_ == 0 && running_ == 0) || slab_.live() == 0 || stopping_);
       if (dead) ++delivering_;  // stop(), drain(), wait() and wait_idle() wait for the callback too
@@ -944,7 +944,7 @@ class reconcile_pipeline {
   // as a stamp.
   void finish_locked(worker_state& ws, std::uint32_t id, reconcile_result& res, time_point end, std::int64_t stamp,
                      std::optional<Entity>& local, std::optional<dead_letter<key_type, Entity>>& dead,
-                     bool& wake_timer) {
+                     bool& wake_timer, std::exception_ptr& machinery) noexcept {
     node& n = slab_[id];
     n.running = false;
     --running_;
@@ -960,12 +960,25 @@ class reconcile_pipeline {
     std::chrono::nanoseconds delay{0};
     reconcile_reason next_reason = reconcile_reason::requeue_requested;
     auto make_dead = [&](dead_letter_reason why, std::uint32_t failures) {
-      reconcile_error err = ws.timed_out && res.result_kind() != reconcile_result::kind::failure &&
-                                    res.result_kind() != reconcile_result::kind::terminal
-                                ? reconcile_error{"sluice::reconcile_pipeline: reconcile_timeout exceeded", nullptr}
-                                : res.take_error();
-      dead.emplace(dead_letter<key_type, Entity>{*n.key, std::move(*local), std::move(err), failures, why});
-      ++m_.dead_lettered;
+      ++m_.dead_lettered;  // counted even if it cannot be built: the version ends here either way
+      try {
+        reconcile_error err = ws.timed_out && res.result_kind() != reconcile_result::kind::failure &&
+                                      res.result_kind() != reconcile_result::kind::terminal
+                                  ? reconcile_error{"sluice::reconcile_pipeline: reconcile_timeout exceeded", nullptr}
+                                  : res.take_error();
+        // Unless a newer version is pending, the node is freed below: its key is moved out (no
+        // copy to fail). Otherwise it is copied, and a throwing copy (a std::string key and no
+        // memory) faults the pipeline instead of escaping the worker (review r1 F4).
+        if constexpr (std::is_nothrow_move_constructible_v<key_type>) {
+          if (n.pend == pend_none) {
+            dead.emplace(dead_letter<key_type, Entity>{std::move(*n.key), std::move(*local), std::move(err), failures, why});
+            return;
+          }
+        }
+        dead.emplace(dead_letter<key_type, Entity>{*n.key, std::move(*local), std::move(err), failures, why});
+      } catch (...) {
+        if (!machinery) machinery = std::current_exception();
+      }
     };
     if (k == reconcile_result::kind::failure || k == reconcile_result::kind::terminal) ++m_.failed;
     if (n.cancel_run && k != reconcile_result::kind::done) {
