@@ -471,8 +471,9 @@ TEST_CASE("reconcile_pipeline: conflict strategy requeue_after defers while the 
   REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
   REQUIRE(p.submit(item{1, 2}) == submit_status::ok);
   CHECK(p.metrics().scheduled == 1);
+  CHECK(p.metrics().conflict_requeues == 1);  // the first deferral counts too (review r1 F9)
   clock.advance(2s);  // due, but the key still runs: deferred again
-  REQUIRE(eventually([&] { return p.metrics().conflict_requeues == 1; }));
+  REQUIRE(eventually([&] { return p.metrics().conflict_requeues == 2; }));
   CHECK(p.metrics().scheduled == 1);
   g.release();
   REQUIRE(eventually([&] { return p.metrics().in_flight == 0; }));
@@ -1204,4 +1205,41 @@ TEST_CASE("reconcile_pipeline: a throwing key copy in the dead-letter path fault
     CHECK(p.metrics().balanced());
   }
   key_copies_throw = false;
+}
+
+// Review r1 F8: a delayed submission merged into a scheduled retry (keeping the retry's earlier
+// deadline) changed the reason to `updated`, so the retry, which did wait out its delay, no longer
+// escalated the backoff.
+TEST_CASE("reconcile_pipeline: a later-due submission merged into a scheduled retry keeps it escalating (r1 F8)") {
+  hang_guard guard("merged retry test");
+  manual_clock clock;
+  recorder rec;
+  mpipe::options o;
+  o.max_parallel = 1;
+  o.backoff.base = 10ms;
+  o.backoff.max = 1h;
+  o.backoff.max_retries = std::nullopt;
+  mpipe p(o, [&](const item& e, const mpipe::context& c) {
+    rec.add(e, c);
+    return reconcile_result::failure("x");
+  }, clock);
+  auto settled = [&](std::size_t runs) {
+    return eventually([&] { return rec.size() == runs && quiet(p.metrics()) && p.metrics().scheduled == 1; });
+  };
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(settled(1));  // failure 1: retry in 10 ms
+  REQUIRE(p.submit(item{1, 2}, {.delay = 1h}) == submit_status::ok);  // merges; the retry's deadline stays
+  clock.advance(10ms);
+  REQUIRE(settled(2));  // the retry ran at its own deadline: it waited, so failure 2 -> 20 ms
+  clock.advance(19ms);
+  CHECK(rec.size() == 2);
+  clock.advance(1ms);
+  REQUIRE(settled(3));
+  const auto runs = rec.get();
+  CHECK(runs[1].version == 2);
+  CHECK(runs[1].reason == reconcile_reason::retry_after_failure);
+  CHECK(runs[1].attempt == 2);
+  CHECK(runs[2].attempt == 3);
+  p.stop();
+  CHECK(p.metrics().balanced());
 }

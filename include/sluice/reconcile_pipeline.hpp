@@ -551,6 +551,7 @@ class reconcile_pipeline {
       std::uint32_t id = find_locked(h, key);
       bool wake_worker = false;
       bool wake_timer = false;
+      bool deferred = false;
       if (id != detail::no_node) {
         node& n = slab_[id];
         if (n.running) {
@@ -571,6 +572,7 @@ class reconcile_pipeline {
               const time_point later = detail::add_ns(clock_.now(), opts_.conflict_delay);
               due = immediate ? later : std::max(due, later);
               immediate = false;
+              deferred = true;  // counted once placed (review r1 F9: the first deferral was missed)
               break;
             }
             default: break;
@@ -601,6 +603,7 @@ class reconcile_pipeline {
         place_locked(id, n, e, immediate, due, stamp, prio, so.reason, wake_worker, wake_timer);
       }
       ++m_.submitted;
+      if (deferred) ++m_.conflict_requeues;
       lk.unlock();
       // One worker suffices for a new earliest deadline: it re-parks with the heap's top.
       if (wake_timer || wake_worker) work_ec_.notify_one();
@@ -616,11 +619,18 @@ class reconcile_pipeline {
       ++m_.coalesced;
       n.entity.reset();
       n.entity.emplace(std::move(e));
-      n.reason = reason;
+      // The reason goes with the deadline that decides when the version runs (review r1 F8): a
+      // merge that keeps a scheduled retry's deadline, or meets a due retry or requeue already
+      // queued, keeps that reason, so the run still counts as the retry that waited (it
+      // escalates the backoff). A merge that makes it run earlier takes the submission's reason.
+      const bool pending_waited = n.reason == reconcile_reason::retry_after_failure ||
+                                  n.reason == reconcile_reason::requeue_requested;
+      if (n.pend != pend_scheduled && !pending_waited) n.reason = reason;
       const std::uint8_t new_prio = std::max(n.priority, prio);
       if (n.pend == pend_scheduled) {
         if (immediate) {
           heap_erase_locked(n.heap_pos, pos_fn());
+          n.reason = reason;
           n.priority = new_prio;
           n.ready_at = stamp;
           if (n.running) {
@@ -634,6 +644,7 @@ class reconcile_pipeline {
           n.priority = new_prio;
           if (due < n.deadline) {
             n.deadline = due;
+            n.reason = reason;
             heap_.update(n.heap_pos, due, pos_fn());
             note_deadline_locked(due, wake_timer);
           }

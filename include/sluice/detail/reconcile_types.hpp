@@ -231,7 +231,7 @@ struct reconcile_metrics {
   std::uint64_t coalesced = 0;          ///< versions replaced by a newer one before they ran
   std::uint64_t cancelled = 0;
   std::uint64_t unprocessed = 0;        ///< reported to on_unprocessed at shutdown
-  std::uint64_t conflict_requeues = 0;  ///< conflict_strategy::requeue_after deferrals
+  std::uint64_t conflict_requeues = 0;  ///< conflict_strategy::requeue_after deferrals (each submission's and each re-deferral)
   std::uint64_t timeouts = 0;           ///< runs that overran reconcile_timeout
   std::uint64_t callback_errors = 0;    ///< exceptions thrown by on_* hooks (caught)
   std::size_t queued = 0;               ///< ready, waiting for a worker
