@@ -14,16 +14,17 @@
 #include <sluice/reconcile_pipeline.hpp>
 #include <sluice/write_behind.hpp>
 
-#include <CLI/CLI.hpp>
-#include <sqlite3.h>
-#include <unistd.h>
+#include "common/cli.hpp"
+#include "common/progress.hpp"
+#include "common/report.hpp"
+#include "common/sqlite.hpp"
+#include "common/temp_folder.hpp"
 
 #include <atomic>
 #include <chrono>
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <mutex>
 #include <random>
 #include <span>
@@ -63,92 +64,55 @@ struct job_update {
   std::uint32_t attempts = 0;  // attempts in the run that wrote this
 };
 
+// The jobs table (examples/common/sqlite.hpp for the connection and the batched transaction).
 class database {
  public:
-  explicit database(const std::string& path) {
-    if (sqlite3_open(path.c_str(), &db_) != SQLITE_OK) throw std::runtime_error("sqlite3_open " + path);
-    exec("PRAGMA journal_mode=WAL");
-    exec("PRAGMA synchronous=NORMAL");
-    exec("CREATE TABLE IF NOT EXISTS jobs(id INTEGER PRIMARY KEY, state INTEGER NOT NULL, runs INTEGER NOT NULL, "
-         "attempts INTEGER NOT NULL, terminal_writes INTEGER NOT NULL)");
-    prepare("UPDATE jobs SET state = ?2, runs = ?3, attempts = ?4, "
-            "terminal_writes = terminal_writes + (?2 >= 2) WHERE id = ?1", &update_);
+  explicit database(const std::string& path) : db_(path) {
+    db_.exec("CREATE TABLE IF NOT EXISTS jobs(id INTEGER PRIMARY KEY, state INTEGER NOT NULL, runs INTEGER NOT NULL, "
+             "attempts INTEGER NOT NULL, terminal_writes INTEGER NOT NULL)");
+    update_ = db_.prepare("UPDATE jobs SET state = ?2, runs = ?3, attempts = ?4, "
+                          "terminal_writes = terminal_writes + (?2 >= 2) WHERE id = ?1");
   }
-  ~database() {
-    sqlite3_finalize(update_);
-    sqlite3_close(db_);
-  }
-  database(const database&) = delete;
-  database& operator=(const database&) = delete;
 
   std::uint64_t count(const char* where) {
-    sqlite3_stmt* st = nullptr;
-    const std::string sql = std::string("SELECT count(*) FROM jobs WHERE ") + where;
-    sqlite3_prepare_v2(db_, sql.c_str(), -1, &st, nullptr);
-    std::uint64_t n = 0;
-    if (sqlite3_step(st) == SQLITE_ROW) n = static_cast<std::uint64_t>(sqlite3_column_int64(st, 0));
-    sqlite3_finalize(st);
-    return n;
+    return static_cast<std::uint64_t>(db_.scalar(std::string("SELECT count(*) FROM jobs WHERE ") + where));
   }
   void seed_jobs(std::uint32_t n) {
-    exec("BEGIN");
-    sqlite3_stmt* st = nullptr;
-    prepare("INSERT INTO jobs(id, state, runs, attempts, terminal_writes) VALUES(?1, 0, 0, 0, 0)", &st);
+    db_.exec("BEGIN");
+    example::sqlite_statement st = db_.prepare("INSERT INTO jobs(id, state, runs, attempts, terminal_writes) VALUES(?1, 0, 0, 0, 0)");
     for (std::uint32_t i = 0; i < n; ++i) {
-      sqlite3_bind_int64(st, 1, i);
-      sqlite3_step(st);
-      sqlite3_reset(st);
+      st.bind(1, std::int64_t{i});
+      (void)st.step();
+      st.reset();
     }
-    sqlite3_finalize(st);
-    exec("COMMIT");
+    db_.exec("COMMIT");
   }
   // Jobs an earlier run left InProgress (it crashed): back to Queued. Returns how many.
   std::uint64_t requeue_interrupted() {
     const std::uint64_t n = count("state = 1");
-    exec("UPDATE jobs SET state = 0 WHERE state = 1");
+    db_.exec("UPDATE jobs SET state = 0 WHERE state = 1");
     return n;
   }
   std::vector<job> queued() {
     std::vector<job> out;
-    sqlite3_stmt* st = nullptr;
-    prepare("SELECT id, runs FROM jobs WHERE state = 0 ORDER BY id", &st);
-    while (sqlite3_step(st) == SQLITE_ROW) {
-      out.push_back(job{static_cast<std::uint32_t>(sqlite3_column_int64(st, 0)), static_cast<std::uint32_t>(sqlite3_column_int64(st, 1))});
+    example::sqlite_statement st = db_.prepare("SELECT id, runs FROM jobs WHERE state = 0 ORDER BY id");
+    while (st.step() == SQLITE_ROW) {
+      out.push_back(job{static_cast<std::uint32_t>(st.column_int(0)), static_cast<std::uint32_t>(st.column_int(1))});
     }
-    sqlite3_finalize(st);
     return out;
   }
   bool write(std::span<const job_update> rows) {
-    if (sqlite3_exec(db_, "BEGIN", nullptr, nullptr, nullptr) != SQLITE_OK) return false;
-    for (const auto& r : rows) {
-      sqlite3_bind_int64(update_, 1, r.key);
-      sqlite3_bind_int(update_, 2, static_cast<int>(r.state));
-      sqlite3_bind_int64(update_, 3, r.runs);
-      sqlite3_bind_int64(update_, 4, r.attempts);
-      const int rc = sqlite3_step(update_);
-      sqlite3_reset(update_);
-      if (rc != SQLITE_DONE) {
-        sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
-        return false;
-      }
-    }
-    return sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr) == SQLITE_OK;
+    return db_.write_batch(update_, rows, [](example::sqlite_statement& st, const job_update& r) {
+      st.bind(1, std::int64_t{r.key});
+      st.bind(2, static_cast<std::int64_t>(r.state));
+      st.bind(3, std::int64_t{r.runs});
+      st.bind(4, std::int64_t{r.attempts});
+    });
   }
 
  private:
-  void exec(const char* sql) {
-    char* err = nullptr;
-    if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
-      std::string e = err ? err : "?";
-      sqlite3_free(err);
-      throw std::runtime_error(std::string(sql) + ": " + e);
-    }
-  }
-  void prepare(const char* sql, sqlite3_stmt** st) {
-    if (sqlite3_prepare_v2(db_, sql, -1, st, nullptr) != SQLITE_OK) throw std::runtime_error(sqlite3_errmsg(db_));
-  }
-  sqlite3* db_ = nullptr;
-  sqlite3_stmt* update_ = nullptr;
+  example::sqlite_db db_;
+  example::sqlite_statement update_;
 };
 
 using pipeline = sluice::reconcile_pipeline<job, sluice::key_member<&job::id>>;
@@ -160,29 +124,22 @@ int main(int argc, char** argv) {
   settings s;
   CLI::App app{"Background job worker (seed 001) on sluice::reconcile_pipeline with job states in SQLite through "
                "sluice::write_behind; --crash-after N then a second run on the same --db recovers and verifies."};
-  app.add_option("--jobs", s.jobs, "jobs to create in a new database")->capture_default_str()->check(CLI::Range(1u, 10'000'000u));
-  app.add_option("--workers", s.workers, "max_parallel")->capture_default_str()->check(CLI::Range(std::size_t{1}, std::size_t{1024}));
-  app.add_option("--work-us", s.work_us, "mean simulated work per attempt (microseconds)")->capture_default_str();
-  app.add_option("--fail-rate", s.fail_rate, "probability that an attempt fails")->capture_default_str()->check(CLI::Range(0.0, 0.95));
-  app.add_option("--write-fail-rate", s.write_fail_rate, "probability that a status batch fails to write (retried)")
-      ->capture_default_str()->check(CLI::Range(0.0, 0.9));
-  app.add_option("--max-retries", s.max_retries, "retries before a job is Failed")->capture_default_str();
-  app.add_option("--crash-after", s.crash_after, "exit abruptly (status 3) after this many jobs started (0: never)")->capture_default_str();
-  app.add_option("--seed", s.seed, "random seed")->capture_default_str();
-  app.add_option("--db", s.db, "SQLite database file (default: a file in a new temporary folder, removed at exit)");
-  app.add_flag("--quiet", s.quiet, "no progress line");
+  using example::add_defaulted;
+  using example::add_ranged;
+  add_ranged(app, "--jobs", s.jobs, "jobs to create in a new database", 1u, 10'000'000u);
+  add_ranged(app, "--workers", s.workers, "max_parallel", std::size_t{1}, std::size_t{1024});
+  add_defaulted(app, "--work-us", s.work_us, "mean simulated work per attempt (microseconds)");
+  add_ranged(app, "--fail-rate", s.fail_rate, "probability that an attempt fails", 0.0, 0.95);
+  add_ranged(app, "--write-fail-rate", s.write_fail_rate, "probability that a status batch fails to write (retried)", 0.0, 0.9);
+  add_defaulted(app, "--max-retries", s.max_retries, "retries before a job is Failed");
+  add_defaulted(app, "--crash-after", s.crash_after, "exit abruptly (status 3) after this many jobs started (0: never)");
+  example::add_seed_option(app, s.seed);
+  example::add_db_option(app, s.db);
+  example::add_quiet_flag(app, s.quiet);
   CLI11_PARSE(app, argc, argv);
 
-  std::filesystem::path temp_dir;
-  if (s.db.empty()) {
-    char tmpl[] = "/tmp/sluice-jobs-XXXXXX";
-    if (mkdtemp(tmpl) == nullptr) {
-      std::perror("mkdtemp");
-      return 2;
-    }
-    temp_dir = tmpl;
-    s.db = (temp_dir / "jobs.db").string();
-  }
+  const example::database_file db_file(s.db, "sluice-jobs", "jobs.db");  // --db, or a temporary file
+  if (!db_file.ok()) return 2;
   const auto start = steady::now();
   database db(s.db);
   bool fresh = false;
@@ -241,22 +198,11 @@ int main(int argc, char** argv) {
     return sluice::reconcile_result::done();
   });
 
-  const bool tty = isatty(STDERR_FILENO) != 0 && !s.quiet;
-  std::atomic<bool> progressing{true};
-  std::thread progress([&] {
-    auto next_line = steady::now();
-    while (progressing) {
-      std::this_thread::sleep_for(100ms);
-      const auto now = steady::now();
-      if (s.quiet || (!tty && now < next_line)) continue;
-      next_line = now + 2s;
-      const auto m = p.metrics();
-      std::fprintf(stderr, "%s[%5.1fs] started %" PRIu64 "/%zu  completed %" PRIu64 "  failed %" PRIu64 "  retries %" PRIu64
-                   "  in flight %zu  queue %zu   %s",
-                   tty ? "\r" : "", std::chrono::duration<double>(now - start).count(), started.load(), todo.size(),
-                   completed.load(), failed.load(), m.retries, m.in_flight, m.queued, tty ? "" : "\n");
-    }
-    if (tty) std::fprintf(stderr, "\n");
+  example::progress_line progress(s.quiet, start, 100ms, [&](steady::time_point) {
+    const auto m = p.metrics();
+    return example::format("started %" PRIu64 "/%zu  completed %" PRIu64 "  failed %" PRIu64 "  retries %" PRIu64
+                           "  in flight %zu  queue %zu",
+                           started.load(), todo.size(), completed.load(), failed.load(), m.retries, m.in_flight, m.queued);
   });
 
   // The producer: every queued job is submitted once; submit() blocks while the intake is full
@@ -266,8 +212,7 @@ int main(int argc, char** argv) {
   const bool drained = p.drain_for(300s);
   wb.flush();
   wb.stop();
-  progressing = false;
-  progress.join();
+  progress.stop();
   const auto m = p.metrics();
   const auto wm = wb.metrics();
   const double elapsed = std::chrono::duration<double>(steady::now() - start).count();
@@ -277,28 +222,22 @@ int main(int argc, char** argv) {
   const std::uint64_t done_f = db.count("state = 3");
   const std::uint64_t not_once = db.count("terminal_writes != 1");
   const std::uint64_t rerun = db.count("runs > 1");
-  std::printf("\n  %-44s %.2f s\n", "elapsed", elapsed);
-  std::printf("  %-44s %zu (%" PRIu64 " started, %" PRIu64 " completed, %" PRIu64 " failed after %u retries)\n",
-              "jobs run in this process", todo.size(), started.load(), completed.load(), failed.load(), s.max_retries);
-  std::printf("  %-44s %" PRIu64 "\n", "retries after failure", m.retries);
-  std::printf("  %-44s %" PRIu64 " batches, %" PRIu64 " failed and retried\n", "status writes", wm.batches, write_errors.load());
-  std::printf("  %-44s %" PRIu64 " (interrupted by a crash, requeued at start)\n", "recovered InProgress jobs", recovered);
-  std::printf("  %-44s %" PRIu64 " (at-least-once: started in a crashed run and again here)\n", "jobs executed more than once", rerun);
-  std::printf("  %-44s %" PRIu64 " Completed, %" PRIu64 " Failed, %" PRIu64 " Queued/InProgress\n", "database", done_c, done_f, left);
-  std::printf("verification\n");
-  bool ok = true;
-  auto check = [&](const char* what, bool pass, const std::string& detail) {
-    std::printf("  [%s] %-44s %s\n", pass ? " ok " : "FAIL", what, detail.c_str());
-    ok = ok && pass;
-  };
-  check("every job Completed or Failed", left == 0 && done_c + done_f == total, std::to_string(left) + " left");
-  check("each job reached a final state exactly once", not_once == 0, std::to_string(not_once) + " jobs written final != 1 time");
-  check("pipeline drained, conservation holds", drained && m.balanced() && m.pending() == 0, "");
-  check("no status write lost", lost_writes == 0 && wm.failed == 0, std::to_string(wm.persisted) + " persisted");
-  std::printf("%s\n", ok ? "verification passed" : "verification FAILED");
-  if (!temp_dir.empty()) {
-    std::error_code ec;
-    std::filesystem::remove_all(temp_dir, ec);
-  }
+  using example::format;
+  using example::summary_row;
+  std::printf("\n");
+  summary_row("elapsed", format("%.2f s", elapsed));
+  summary_row("jobs run in this process", format("%zu (%" PRIu64 " started, %" PRIu64 " completed, %" PRIu64 " failed after %u retries)",
+                                                 todo.size(), started.load(), completed.load(), failed.load(), s.max_retries));
+  summary_row("retries after failure", format("%" PRIu64, m.retries));
+  summary_row("status writes", format("%" PRIu64 " batches, %" PRIu64 " failed and retried", wm.batches, write_errors.load()));
+  summary_row("recovered InProgress jobs", format("%" PRIu64 " (interrupted by a crash, requeued at start)", recovered));
+  summary_row("jobs executed more than once", format("%" PRIu64 " (at-least-once: started in a crashed run and again here)", rerun));
+  summary_row("database", format("%" PRIu64 " Completed, %" PRIu64 " Failed, %" PRIu64 " Queued/InProgress", done_c, done_f, left));
+  example::verification v;
+  v.check("every job Completed or Failed", left == 0 && done_c + done_f == total, std::to_string(left) + " left");
+  v.check("each job reached a final state exactly once", not_once == 0, std::to_string(not_once) + " jobs written final != 1 time");
+  v.check("pipeline drained, conservation holds", drained && m.balanced() && m.pending() == 0, "");
+  v.check("no status write lost", lost_writes == 0 && wm.failed == 0, std::to_string(wm.persisted) + " persisted");
+  const bool ok = v.finish();
   return ok ? 0 : 1;
 }

@@ -15,12 +15,15 @@
 #include <sluice/reconcile_pipeline.hpp>
 #include <sluice/write_behind.hpp>
 
-#include <CLI/CLI.hpp>
 #include <prometheus/collectable.h>
 #include <prometheus/exposer.h>
 #include <prometheus/metric_family.h>
-#include <sqlite3.h>
-#include <unistd.h>
+
+#include "common/cli.hpp"
+#include "common/progress.hpp"
+#include "common/report.hpp"
+#include "common/sqlite.hpp"
+#include "common/temp_folder.hpp"
 
 #include <algorithm>
 #include <array>
@@ -29,8 +32,6 @@
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
-#include <filesystem>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -83,48 +84,26 @@ struct status_row {
 
 std::string uid_of(std::uint32_t id) { return "default/pod-" + std::to_string(id); }
 
-// ---- SQLite ----------------------------------------------------------------------------------
+// ---- SQLite (examples/common/sqlite.hpp) -------------------------------------------------------
 class database {
  public:
-  explicit database(const std::string& path) {
-    if (sqlite3_open(path.c_str(), &db_) != SQLITE_OK) throw std::runtime_error("sqlite3_open " + path);
-    exec("PRAGMA journal_mode=WAL");
-    exec("PRAGMA synchronous=NORMAL");
-    exec("CREATE TABLE IF NOT EXISTS status(uid TEXT PRIMARY KEY, version INTEGER NOT NULL, "
-         "state TEXT NOT NULL, attempts INTEGER NOT NULL, writes INTEGER NOT NULL DEFAULT 1)");
-    exec("DELETE FROM status");
-    if (sqlite3_prepare_v2(db_,
-                           "INSERT INTO status(uid, version, state, attempts) VALUES(?1, ?2, ?3, ?4) "
-                           "ON CONFLICT(uid) DO UPDATE SET version = excluded.version, state = excluded.state, "
-                           "attempts = excluded.attempts, writes = writes + 1",
-                           -1, &upsert_, nullptr) != SQLITE_OK) {
-      throw std::runtime_error(sqlite3_errmsg(db_));
-    }
+  explicit database(const std::string& path) : db_(path) {
+    db_.exec("CREATE TABLE IF NOT EXISTS status(uid TEXT PRIMARY KEY, version INTEGER NOT NULL, "
+             "state TEXT NOT NULL, attempts INTEGER NOT NULL, writes INTEGER NOT NULL DEFAULT 1)");
+    db_.exec("DELETE FROM status");
+    upsert_ = db_.prepare("INSERT INTO status(uid, version, state, attempts) VALUES(?1, ?2, ?3, ?4) "
+                          "ON CONFLICT(uid) DO UPDATE SET version = excluded.version, state = excluded.state, "
+                          "attempts = excluded.attempts, writes = writes + 1");
   }
-  ~database() {
-    sqlite3_finalize(upsert_);
-    sqlite3_close(db_);
-  }
-  database(const database&) = delete;
-  database& operator=(const database&) = delete;
 
   // Writes a batch in one transaction; false (and rolled back) on any error.
   bool write(std::span<const status_row> rows) {
-    if (sqlite3_exec(db_, "BEGIN", nullptr, nullptr, nullptr) != SQLITE_OK) return false;
-    for (const auto& r : rows) {
-      const char state[2] = {r.state, 0};
-      sqlite3_bind_text(upsert_, 1, r.key.c_str(), static_cast<int>(r.key.size()), SQLITE_STATIC);
-      sqlite3_bind_int64(upsert_, 2, static_cast<sqlite3_int64>(r.version));
-      sqlite3_bind_text(upsert_, 3, state, 1, SQLITE_TRANSIENT);
-      sqlite3_bind_int64(upsert_, 4, r.attempts);
-      const int rc = sqlite3_step(upsert_);
-      sqlite3_reset(upsert_);
-      if (rc != SQLITE_DONE) {
-        sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
-        return false;
-      }
-    }
-    return sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr) == SQLITE_OK;
+    return db_.write_batch(upsert_, rows, [](example::sqlite_statement& st, const status_row& r) {
+      st.bind(1, r.key);
+      st.bind(2, static_cast<std::int64_t>(r.version));
+      st.bind_char(3, r.state);
+      st.bind(4, std::int64_t{r.attempts});
+    });
   }
 
   struct row {
@@ -133,27 +112,17 @@ class database {
   };
   std::unordered_map<std::string, row> read_all() {
     std::unordered_map<std::string, row> out;
-    sqlite3_stmt* st = nullptr;
-    sqlite3_prepare_v2(db_, "SELECT uid, version, state FROM status", -1, &st, nullptr);
-    while (sqlite3_step(st) == SQLITE_ROW) {
-      out[reinterpret_cast<const char*>(sqlite3_column_text(st, 0))] =
-          row{static_cast<std::uint64_t>(sqlite3_column_int64(st, 1)), reinterpret_cast<const char*>(sqlite3_column_text(st, 2))[0]};
+    example::sqlite_statement st = db_.prepare("SELECT uid, version, state FROM status");
+    while (st.step() == SQLITE_ROW) {
+      const std::string state = st.column_text(2);
+      out[st.column_text(0)] = row{static_cast<std::uint64_t>(st.column_int(1)), state.empty() ? '?' : state[0]};
     }
-    sqlite3_finalize(st);
     return out;
   }
 
  private:
-  void exec(const char* sql) {
-    char* err = nullptr;
-    if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
-      std::string e = err ? err : "?";
-      sqlite3_free(err);
-      throw std::runtime_error(std::string(sql) + ": " + e);
-    }
-  }
-  sqlite3* db_ = nullptr;
-  sqlite3_stmt* upsert_ = nullptr;
+  example::sqlite_db db_;
+  example::sqlite_statement upsert_;
 };
 
 using pipeline = sluice::reconcile_pipeline<object, sluice::key_member<&object::uid>>;
@@ -252,9 +221,7 @@ class scrape : public prometheus::Collectable {
 };
 
 std::string fmt_us(std::chrono::nanoseconds d) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.1f", std::chrono::duration<double, std::micro>(d).count());
-  return buf;
+  return example::format("%.1f", std::chrono::duration<double, std::micro>(d).count());
 }
 
 }  // namespace
@@ -263,34 +230,27 @@ int main(int argc, char** argv) {
   settings s;
   CLI::App app{"Simulated Kubernetes operator on sluice::reconcile_pipeline; status via write_behind into SQLite; "
                "verifies itself and exits non-zero on a failed check."};
-  app.add_option("--entities", s.entities, "objects the watch source knows")->capture_default_str()->check(CLI::Range(1u, 10'000'000u));
-  app.add_option("--updates-per-entity", s.updates_per_entity, "update events per object (average)")->capture_default_str()->check(CLI::Range(0.0, 100.0));
-  app.add_option("--hot-fraction", s.hot_fraction, "share of objects that are hot")->capture_default_str()->check(CLI::Range(0.0, 1.0));
-  app.add_option("--hot-share", s.hot_share, "share of updates going to hot objects")->capture_default_str()->check(CLI::Range(0.0, 1.0));
-  app.add_option("--delete-fraction", s.delete_fraction, "share of objects deleted")->capture_default_str()->check(CLI::Range(0.0, 1.0));
-  app.add_option("--fail-rate", s.fail_rate, "probability that an attempt fails")->capture_default_str()->check(CLI::Range(0.0, 0.9));
-  app.add_option("--poison-per-mille", s.poison_per_mille, "objects (per 1000) whose reconcile always fails")->capture_default_str()->check(CLI::Range(0u, 1000u));
-  app.add_option("--requeue-rate", s.requeue_rate, "probability that a success asks for a re-check")->capture_default_str()->check(CLI::Range(0.0, 1.0));
-  app.add_option("--work-us", s.work_us, "mean simulated work per reconcile (microseconds)")->capture_default_str();
-  app.add_option("--workers", s.workers, "max_parallel")->capture_default_str()->check(CLI::Range(std::size_t{1}, std::size_t{1024}));
-  app.add_option("--capacity", s.capacity, "intake capacity")->capture_default_str()->check(CLI::Range(std::size_t{1}, std::size_t{1} << 24));
-  app.add_option("--seed", s.seed, "random seed")->capture_default_str();
-  app.add_option("--db", s.db, "SQLite database file (default: a file in a new temporary folder, removed at exit)");
-  app.add_option("--metrics-port", s.metrics_port, "serve Prometheus metrics on 127.0.0.1:PORT (0: off)")->capture_default_str()->check(CLI::Range(0, 65535));
-  app.add_option("--hold-ms", s.hold_ms, "keep serving metrics this long after verification")->capture_default_str();
-  app.add_flag("--quiet", s.quiet, "no progress line");
+  using example::add_ranged;
+  add_ranged(app, "--entities", s.entities, "objects the watch source knows", 1u, 10'000'000u);
+  add_ranged(app, "--updates-per-entity", s.updates_per_entity, "update events per object (average)", 0.0, 100.0);
+  add_ranged(app, "--hot-fraction", s.hot_fraction, "share of objects that are hot", 0.0, 1.0);
+  add_ranged(app, "--hot-share", s.hot_share, "share of updates going to hot objects", 0.0, 1.0);
+  add_ranged(app, "--delete-fraction", s.delete_fraction, "share of objects deleted", 0.0, 1.0);
+  add_ranged(app, "--fail-rate", s.fail_rate, "probability that an attempt fails", 0.0, 0.9);
+  add_ranged(app, "--poison-per-mille", s.poison_per_mille, "objects (per 1000) whose reconcile always fails", 0u, 1000u);
+  add_ranged(app, "--requeue-rate", s.requeue_rate, "probability that a success asks for a re-check", 0.0, 1.0);
+  example::add_defaulted(app, "--work-us", s.work_us, "mean simulated work per reconcile (microseconds)");
+  add_ranged(app, "--workers", s.workers, "max_parallel", std::size_t{1}, std::size_t{1024});
+  add_ranged(app, "--capacity", s.capacity, "intake capacity", std::size_t{1}, std::size_t{1} << 24);
+  example::add_seed_option(app, s.seed);
+  example::add_db_option(app, s.db);
+  add_ranged(app, "--metrics-port", s.metrics_port, "serve Prometheus metrics on 127.0.0.1:PORT (0: off)", 0, 65535);
+  example::add_defaulted(app, "--hold-ms", s.hold_ms, "keep serving metrics this long after verification");
+  example::add_quiet_flag(app, s.quiet);
   CLI11_PARSE(app, argc, argv);
 
-  std::filesystem::path temp_dir;
-  if (s.db.empty()) {
-    char tmpl[] = "/tmp/sluice-operator-XXXXXX";
-    if (mkdtemp(tmpl) == nullptr) {
-      std::perror("mkdtemp");
-      return 2;
-    }
-    temp_dir = tmpl;
-    s.db = (temp_dir / "status.db").string();
-  }
+  const example::database_file db_file(s.db, "sluice-operator", "status.db");  // --db, or a temporary file
+  if (!db_file.ok()) return 2;
   const auto start = steady::now();
   database db(s.db);
 
@@ -427,36 +387,25 @@ int main(int argc, char** argv) {
     watching = false;
   });
 
-  // ---- progress ----
-  const bool tty = isatty(STDERR_FILENO) != 0 && !s.quiet;
-  std::atomic<bool> progressing{true};
-  std::thread progress([&] {
-    auto last = steady::now();
-    std::uint64_t last_runs = 0;
-    auto next_line = steady::now();
-    while (progressing) {
-      std::this_thread::sleep_for(tty ? 200ms : 100ms);
-      const auto now = steady::now();
-      if (!tty && (s.quiet || now < next_line)) continue;
-      next_line = now + 2s;
-      const auto m = p.metrics();
-      const double rate = static_cast<double>(m.reconciled - last_runs) / std::chrono::duration<double>(now - last).count();
-      last = now;
-      last_runs = m.reconciled;
-      std::fprintf(stderr, "%s[%5.1fs] events %" PRIu64 "/~%" PRIu64 "  reconciled %" PRIu64 " (%.0f/s)  in flight %zu  queue %zu  scheduled %zu  retries %" PRIu64 "   %s",
-                   tty ? "\r" : "", std::chrono::duration<double>(now - start).count(), events.load(),
-                   static_cast<std::uint64_t>(n * (1.0 + s.updates_per_entity + s.delete_fraction)), m.reconciled, rate, m.in_flight,
-                   m.queued, m.scheduled, m.retries, tty ? "" : "\n");
-    }
-    if (tty) std::fprintf(stderr, "\n");
-  });
+  // ---- progress (examples/common/progress.hpp) ----
+  const auto planned_events = static_cast<std::uint64_t>(n * (1.0 + s.updates_per_entity + s.delete_fraction));
+  example::progress_line progress(
+      s.quiet, start, 200ms, [&, last = steady::now(), last_runs = std::uint64_t{0}](steady::time_point now) mutable {
+        const auto m = p.metrics();
+        const double rate = static_cast<double>(m.reconciled - last_runs) / std::chrono::duration<double>(now - last).count();
+        last = now;
+        last_runs = m.reconciled;
+        return example::format("events %" PRIu64 "/~%" PRIu64 "  reconciled %" PRIu64
+                               " (%.0f/s)  in flight %zu  queue %zu  scheduled %zu  retries %" PRIu64,
+                               events.load(), planned_events, m.reconciled, rate, m.in_flight, m.queued, m.scheduled,
+                               m.retries);
+      });
 
   watch.join();
   const bool drained = p.drain_for(120s);  // runs everything accepted, retries and requeues included
   wb.flush();
   const auto elapsed = std::chrono::duration<double>(steady::now() - start).count();
-  progressing = false;
-  progress.join();
+  progress.stop();
   const auto m = p.metrics();
   wb.stop();
   const auto wm = wb.metrics();
@@ -485,47 +434,37 @@ int main(int argc, char** argv) {
   }
   const std::uint64_t objects = std::count_if(final_version.begin(), final_version.end(), [](auto v) { return v != 0; });
 
-  auto line = [](const char* what, const std::string& value) { std::printf("  %-44s %s\n", what, value.c_str()); };
+  using example::summary_row;
   auto num = [](auto v) { return std::to_string(v); };
   std::printf("\nsluice operator: %u objects, %zu workers, %.2f s\n", n, s.workers, elapsed);
-  std::printf("  %-44s %s\n", "----------------------------------------", "--------------");
-  line("watch events (add / update / delete)", num(adds.load()) + " / " + num(updates.load()) + " / " + num(deletes.load()));
-  line("submitted to the pipeline", num(m.submitted));
-  line("reconciles run", num(m.reconciled) + "  (" + num(static_cast<std::uint64_t>(static_cast<double>(m.reconciled) / elapsed)) + "/s)");
-  line("  succeeded / failed / requeue_after", num(m.succeeded) + " / " + num(m.failed) + " / " + num(m.requeues));
-  line("retries after failure", num(m.retries));
-  line("coalesced (newer version replaced older)", num(m.coalesced));
-  line("cancelled (deletes)", num(m.cancelled));
-  line("dead-lettered (reported)", num(m.dead_lettered));
-  line("unprocessed at shutdown", num(m.unprocessed));
-  line("queue latency p50 / p99 (us)", fmt_us(m.queue_latency.percentile(0.5)) + " / " + fmt_us(m.queue_latency.percentile(0.99)));
-  line("reconcile time p50 / p99 (us)", fmt_us(m.reconcile_duration.percentile(0.5)) + " / " + fmt_us(m.reconcile_duration.percentile(0.99)));
-  line("status rows written (batches)", num(wm.persisted) + " (" + num(wm.batches) + ")  coalesced " + num(wm.coalesced));
-  line("database", s.db + (temp_dir.empty() ? "" : "  (temporary)"));
-  std::printf("verification\n");
-  bool ok = true;
-  auto check = [&](const char* what, bool pass, const std::string& detail) {
-    std::printf("  [%s] %-40s %s\n", pass ? " ok " : "FAIL", what, detail.c_str());
-    ok = ok && pass;
-  };
-  check("no object lost (row for every object)", missing == 0, num(rows.size()) + " rows, " + num(missing) + " missing");
-  check("final version of every object recorded", stale == 0 && wrong_state == 0,
-        num(ok_ready) + " ready, " + num(ok_deleted) + " deleted, " + num(ok_failed) + " dead-lettered; " + num(stale) +
-            " stale, " + num(wrong_state) + " wrong state");
-  check("never reconciled twice at once", overlaps == 0, num(overlaps.load()) + " overlaps");
-  check("conservation identity", m.balanced(), "submitted = succeeded + dead + discarded + coalesced + cancelled + unprocessed + pending");
-  check("drained: nothing left pending", drained && m.pending() == 0 && m.unprocessed == 0, num(m.pending()) + " pending");
-  check("every status write persisted", write_failures == 0 && wm.failed == 0 && wm.enqueued == wm.persisted + wm.coalesced,
-        num(wm.enqueued) + " enqueued = " + num(wm.persisted) + " persisted + " + num(wm.coalesced) + " coalesced");
-  check("objects in the database", rows.size() == objects, num(objects) + " objects");
-  std::printf("%s\n", ok ? "verification passed" : "verification FAILED");
-  std::fflush(stdout);
+  summary_row("----------------------------------------", "--------------");
+  summary_row("watch events (add / update / delete)", num(adds.load()) + " / " + num(updates.load()) + " / " + num(deletes.load()));
+  summary_row("submitted to the pipeline", num(m.submitted));
+  summary_row("reconciles run", num(m.reconciled) + "  (" + num(static_cast<std::uint64_t>(static_cast<double>(m.reconciled) / elapsed)) + "/s)");
+  summary_row("  succeeded / failed / requeue_after", num(m.succeeded) + " / " + num(m.failed) + " / " + num(m.requeues));
+  summary_row("retries after failure", num(m.retries));
+  summary_row("coalesced (newer version replaced older)", num(m.coalesced));
+  summary_row("cancelled (deletes)", num(m.cancelled));
+  summary_row("dead-lettered (reported)", num(m.dead_lettered));
+  summary_row("unprocessed at shutdown", num(m.unprocessed));
+  summary_row("queue latency p50 / p99 (us)", fmt_us(m.queue_latency.percentile(0.5)) + " / " + fmt_us(m.queue_latency.percentile(0.99)));
+  summary_row("reconcile time p50 / p99 (us)", fmt_us(m.reconcile_duration.percentile(0.5)) + " / " + fmt_us(m.reconcile_duration.percentile(0.99)));
+  summary_row("status rows written (batches)", num(wm.persisted) + " (" + num(wm.batches) + ")  coalesced " + num(wm.coalesced));
+  summary_row("database", s.db + (db_file.temporary() ? "  (temporary)" : ""));
+  example::verification v(40);
+  v.check("no object lost (row for every object)", missing == 0, num(rows.size()) + " rows, " + num(missing) + " missing");
+  v.check("final version of every object recorded", stale == 0 && wrong_state == 0,
+          num(ok_ready) + " ready, " + num(ok_deleted) + " deleted, " + num(ok_failed) + " dead-lettered; " + num(stale) +
+              " stale, " + num(wrong_state) + " wrong state");
+  v.check("never reconciled twice at once", overlaps == 0, num(overlaps.load()) + " overlaps");
+  v.check("conservation identity", m.balanced(), "submitted = succeeded + dead + discarded + coalesced + cancelled + unprocessed + pending");
+  v.check("drained: nothing left pending", drained && m.pending() == 0 && m.unprocessed == 0, num(m.pending()) + " pending");
+  v.check("every status write persisted", write_failures == 0 && wm.failed == 0 && wm.enqueued == wm.persisted + wm.coalesced,
+          num(wm.enqueued) + " enqueued = " + num(wm.persisted) + " persisted + " + num(wm.coalesced) + " coalesced");
+  v.check("objects in the database", rows.size() == objects, num(objects) + " objects");
+  const bool ok = v.finish();
 
   if (s.hold_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(s.hold_ms));
   exposer.reset();
-  if (!temp_dir.empty()) {
-    std::error_code ec;
-    std::filesystem::remove_all(temp_dir, ec);
-  }
   return ok ? 0 : 1;
 }
