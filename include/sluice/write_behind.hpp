@@ -55,7 +55,8 @@
 //  - Idle costs nothing: flushers park through the clock and wake on the first value, on the linger
 //    or retry deadline, on flush()/stop() — never on a polling tick. Producers make a system call
 //    only when a flusher is parked and their value completes what it waits for (the first value, or a
-//    full batch while it lingers).
+//    full batch while it lingers). A producer blocked on a full intake parks until a quarter of it is
+//    free (or the flushers go idle), then takes any free slot.
 //
 // Never: drops, duplicates or silently loses a value; writes a value after a newer one of its key;
 // retries through the intake; lets a sink or on_failed exception escape; spins while idle.

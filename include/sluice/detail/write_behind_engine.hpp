@@ -2,8 +2,11 @@
 // include <sluice/write_behind.hpp>, whose doc block states what this guarantees).
 //
 // Layout:
-//  - Intake: a sluice::channel of slots. Producers claim lock-free (the fast path makes no clock
-//    read and no system call); flushers drain it with try_receive_batch under their lock.
+//  - Intake: a sluice::channel of bare values (a ring slot holds T and its stamp, nothing else).
+//    Producers claim lock-free (the fast path makes no clock read and no system call); flushers
+//    drain it with try_receive_batch under their lock and stamp what they take. A producer that
+//    finds it full parks at once (no spin) until a quarter of it is free: one wake-up per chunk,
+//    not per batch (a futex round trip per 512 values cost more than the values on 2 cores).
 //  - Parking: flushers park on work_ec_ through the Clock, so linger, backoff and the drain deadline
 //    run on a manual_clock in tests. A parked flusher publishes how many intake values make waking
 //    it worthwhile (wake_threshold_); only the first producer that sees it reached makes the
@@ -112,7 +115,7 @@ class write_behind_engine {
   using sink_type = std::function<void(std::span<const T>, write_behind_results&)>;
 
  private:
-  // One value and what the batcher knows about it. This is also the intake's item type.
+  // One value and what the batcher knows about it, once a flusher has taken it from the intake.
   struct slot {
     T value;
     time_point enqueued;
@@ -153,6 +156,7 @@ class write_behind_engine {
     std::vector<failure_item> failures;  // to report, outside the lock
     time_point oldest{};
     bool in_sink = false;
+    std::size_t last_take = 0;  // values the last take from the intake got
     bool threw = false;  // the last sink call threw
     std::string thrown;  // ...with this text
   };
@@ -162,6 +166,7 @@ class write_behind_engine {
   // stand-in so that the assertion is the only error, not a cascade from inside them.
   struct unusable_slot {};
   using stored_slot = std::conditional_t<std::is_nothrow_move_constructible_v<T>, slot, unusable_slot>;
+  using stored_value = std::conditional_t<std::is_nothrow_move_constructible_v<T>, T, unusable_slot>;
   using retry_heap = indexed_heap<retry_key, stored_slot, time_point, hash_type, key_equal_type>;
 
  public:
@@ -173,6 +178,7 @@ class write_behind_engine {
         sink_(std::move(sink)),
         clock_(std::move(clock)),
         intake_(options_.capacity),
+        space_chunk_(std::max<std::size_t>(1, options_.capacity / 4)),
         keys_(make_keys()),
         heap_(make_retry_heap()),
         policy_(options_.retry),
@@ -214,18 +220,25 @@ class write_behind_engine {
   // no limit; `stop` may be null; may_block false: full instead of waiting.
   write_behind_status put(T& value, const std::optional<time_point>& deadline, const std::stop_token* stop,
                           bool may_block) noexcept {
-    // No clock read here: on these VMs a steady_clock::now() costs as much as the whole send.
-    // The flusher stamps values as it takes them from the intake (see take_from_intake_locked()).
-    slot s{std::move(value), time_point{}, 0, 0};
-    channel_status st = intake_.try_send(std::move(s));
+    // The intake holds the bare value: no clock read here (on these VMs a steady_clock::now() costs
+    // as much as the whole send) and nothing else to copy. The flusher stamps values as it takes
+    // them (see take_from_intake_locked()). A send that fails leaves `value` as it was.
+    channel_status st = intake_.try_send(std::move(value));
     if (st == channel_status::full && may_block) {
+      // Park at once (no spinning: room comes in chunks, a batch at a time) until a chunk of the
+      // intake is free, so that a producer wakes once per chunk rather than once per batch; after
+      // a wake-up any free slot will do, so that a parked producer is not starved by running ones.
+      int looks = 0;
       auto ready = [&] {
-        st = intake_.try_send(std::move(s));
+        if (++looks <= 2 && options_.capacity - std::min(options_.capacity, intake_.size()) < space_chunk_ &&
+            !intake_.is_closed()) {
+          return false;
+        }
+        st = intake_.try_send(std::move(value));
         return st != channel_status::full;
       };
-      const auto outcome = block_on_clock(clock_, space_ec_, ready, deadline, stop);
+      const auto outcome = block_on_clock(clock_, space_ec_, ready, deadline, stop, 0);
       if (st == channel_status::full) {
-        value = std::move(s.value);
         return outcome == wait_outcome::cancelled ? write_behind_status::cancelled : write_behind_status::timeout;
       }
     }
@@ -234,10 +247,8 @@ class write_behind_engine {
         wake_flusher();
         return write_behind_status::ok;
       case channel_status::closed:
-        value = std::move(s.value);
         return write_behind_status::closed;
       default:
-        value = std::move(s.value);
         return write_behind_status::full;
     }
   }
@@ -434,7 +445,7 @@ class write_behind_engine {
         work_ec_.notify_all();  // the other flushers see it too and exit
         return;
       }
-      park_locked(lock);
+      park_locked(lock, b.last_take);
     }
   }
 
@@ -474,14 +485,7 @@ class write_behind_engine {
 
   // resolved() for every value of a batch (runs of one generation at a time).
   void resolve_all_locked(const std::vector<meta>& metas) noexcept {
-    std::size_t i = 0;
-    while (i < metas.size()) {
-      const std::uint64_t gen = metas[i].gen;
-      std::size_t j = i + 1;
-      while (j < metas.size() && metas[j].gen == gen) ++j;
-      gens_.resolved(gen, j - i);
-      i = j;
-    }
+    for_each_gen_run(metas, [&](std::uint64_t gen, std::size_t n) { gens_.resolved(gen, n); });
   }
 
   // Moves values from the intake into the flushers' hands, while they hold fewer than capacity.
@@ -494,7 +498,11 @@ class write_behind_engine {
     // A producer that woke us stamped the time it enqueued: values taken now are no younger.
     // relaxed: a hint (see wake_flusher()).
     const time_point took_at = now;
-    if (const auto w = woken_at_.exchange(no_stamp, std::memory_order_relaxed); w != no_stamp) {
+    // (Looked at before the exchange: a take that nobody woke leaves the producers' line alone.)
+    if (const auto w = woken_at_.load(std::memory_order_relaxed) == no_stamp
+                           ? no_stamp
+                           : woken_at_.exchange(no_stamp, std::memory_order_relaxed);
+        w != no_stamp) {
       const time_point at(std::chrono::duration_cast<typename Clock::duration>(std::chrono::nanoseconds(w)));
       if (at < now) now = at;
     }
@@ -505,31 +513,33 @@ class write_behind_engine {
     if (empty_since_ && *empty_since_ < now) now = *empty_since_;
     const std::size_t held = held_locked();
     const bool unlimited = stopping_ && drain_expired_;
+    b.last_take = 0;
     if (!unlimited && held >= options_.capacity) return;
     const std::size_t room = unlimited ? intake_.capacity() : options_.capacity - held;
-    std::size_t got = 0;
+    const std::size_t got = intake_.try_receive_batch(received_, room);
+    b.last_take = got;
+    // Generations in runs: the values of one take have consecutive intake indexes, and a run ends
+    // only at a flush() boundary (usually there is none, and the take is one run).
+    std::size_t i = 0;
     std::size_t cursor = 0;
-    if constexpr (keyed) {
-      got = intake_.try_receive_batch(scratch_, room);
-      for (slot& s : scratch_) {
-        s.enqueued = now;
-        s.gen = gens_.of_index(taken_++, cursor);
-        gens_.taken(s.gen);
-        absorb_locked(std::move(s), b);
-      }
-      scratch_.clear();
-    } else {
-      got = intake_.try_receive_batch(staged_, room);
-      for (std::size_t i = staged_.size() - got; i < staged_.size(); ++i) {
-        staged_[i].enqueued = now;
-        staged_[i].gen = gens_.of_index(taken_++, cursor);
-        gens_.taken(staged_[i].gen);
-        gens_.ready_add(staged_[i].gen);
+    while (i < got) {
+      const std::uint64_t gen = gens_.of_index(taken_, cursor);
+      const std::size_t run = static_cast<std::size_t>(std::min<std::uint64_t>(got - i, gens_.run_left(taken_, cursor)));
+      gens_.taken(gen, run);
+      taken_ += run;
+      if constexpr (keyed) {
+        for (std::size_t end = i + run; i < end; ++i) absorb_locked(slot{std::move(received_[i]), now, gen, 0}, b);
+      } else {
+        gens_.ready_add(gen, run);
+        for (std::size_t end = i + run; i < end; ++i) staged_.push_back(slot{std::move(received_[i]), now, gen, 0});
       }
     }
+    received_.clear();
     if (got < room) empty_since_ = took_at;  // it gave us everything it had
     if (got != 0) {
-      space_ec_.notify_all();  // producers waiting for room (no system call if none is parked)
+      // Producers parked on a full intake wake once a chunk is free (they wait for that much), not
+      // once per take: a futex round trip per batch cost more than the batch on 2 cores.
+      if (intake_.capacity() - std::min(intake_.capacity(), intake_.size()) >= space_chunk_) space_ec_.notify_all();
       if (unlimited) expire_locked(b);
     }
     retire_generations_locked();
@@ -635,11 +645,24 @@ class write_behind_engine {
     return start && now >= saturating_add(*start, options_.linger);
   }
 
-  void add_to_batch(batch_buffer& b, slot&& s) {
+  // Moves one value into the batch; the caller accounts for it leaving the ready structures.
+  static void add_to_batch(batch_buffer& b, slot&& s) {
     if (b.values.empty() || s.enqueued < b.oldest) b.oldest = s.enqueued;
     b.values.push_back(std::move(s.value));
     b.metas.push_back(meta{s.enqueued, s.gen, s.attempts});
-    gens_.ready_sub(s.gen);
+  }
+
+  // Calls f(gen, n) for each run of n consecutive values of one generation.
+  template <class F>
+  static void for_each_gen_run(const std::vector<meta>& metas, F&& f) {
+    std::size_t i = 0;
+    while (i < metas.size()) {
+      const std::uint64_t gen = metas[i].gen;
+      std::size_t j = i + 1;
+      while (j < metas.size() && metas[j].gen == gen) ++j;
+      f(gen, j - i);
+      i = j;
+    }
   }
 
   void take_batch_locked(batch_buffer& b) {
@@ -652,6 +675,7 @@ class write_behind_engine {
         auto* e = keys_.pop_ready();
         slot& s = *e->pending;
         if (s.attempts > 0) --ready_retries_;
+        gens_.ready_sub(s.gen);
         add_to_batch(b, std::move(s));
         e->pending.reset();
         --pending_values_;
@@ -670,6 +694,7 @@ class write_behind_engine {
         staged_.erase(staged_.begin(), staged_.begin() + static_cast<std::ptrdiff_t>(staged_head_));
         staged_head_ = 0;
       }
+      for_each_gen_run(b.metas, [&](std::uint64_t gen, std::size_t n) { gens_.ready_sub(gen, n); });
     }
     in_flight_ += b.values.size();
     b.in_sink = true;
@@ -811,16 +836,16 @@ class write_behind_engine {
     const std::string why = "stopped: drain_timeout passed before it was persisted";
     std::size_t cursor = 0;
     for (;;) {
-      scratch_.clear();
-      if (intake_.try_receive_batch(scratch_, intake_.capacity()) == 0) break;
-      for (slot& s : scratch_) {
-        s.gen = gens_.of_index(taken_++, cursor);
-        gens_.taken(s.gen);
+      received_.clear();
+      if (intake_.try_receive_batch(received_, intake_.capacity()) == 0) break;
+      for (stored_value& v : received_) {
+        const std::uint64_t gen = gens_.of_index(taken_++, cursor);
+        gens_.taken(gen);
         ++in_flight_;
-        fail_later(b, std::move(s.value), write_behind_reason::shutdown, why, s.attempts, s.gen);
+        fail_later(b, std::move(v), write_behind_reason::shutdown, why, 0, gen);
       }
     }
-    scratch_.clear();
+    received_.clear();
     heap_.drain([&](typename retry_heap::payload&& p, time_point) {
       ++in_flight_;
       fail_later(b, std::move(p.item.value), write_behind_reason::shutdown,
@@ -895,7 +920,7 @@ class write_behind_engine {
   // Parks the flusher until there is something to do: intake values it waits for (producers wake
   // it), a deadline (linger, retry, drain), or a state change by another thread (flush, stop, another
   // flusher finishing a batch).
-  void park_locked(std::unique_lock<std::mutex>& lock) {
+  void park_locked(std::unique_lock<std::mutex>& lock, std::size_t last_take) {
     std::optional<time_point> deadline;
     auto consider = [&](time_point t) {
       if (!deadline || t < *deadline) deadline = t;
@@ -919,12 +944,17 @@ class write_behind_engine {
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (intake_.size() >= threshold) {
       work_ec_.cancel_wait();
-      // Values the loop could not take yet were claimed but not published: let their producers finish.
-      lock.unlock();
-      std::this_thread::yield();
-      lock.lock();
+      // More values came while we looked: take them. Only if the last take found none were they
+      // claimed but not yet published: then let their producers finish (a yield, not a spin).
+      if (last_take == 0) {
+        lock.unlock();
+        std::this_thread::yield();
+        lock.lock();
+      }
       return;
     }
+    // Producers parked for a chunk of room must not wait for it while we sleep.
+    if (intake_.size() < intake_.capacity()) space_ec_.notify_all();
     lock.unlock();
     if (deadline) {
       clock_.wait_until(work_ec_, key, *deadline);
@@ -938,13 +968,14 @@ class write_behind_engine {
   options_type options_;
   const sink_type sink_;
   const Clock clock_;
-  channel<stored_slot> intake_;
+  channel<stored_value> intake_;
+  const std::size_t space_chunk_;  // free intake slots a parked producer waits for (a quarter)
 
   mutable std::mutex m_;           // everything below, except the atomics and the event counts
   std::vector<slot> staged_;       // unkeyed: taken from the intake, waiting for a batch
   std::size_t staged_head_ = 0;    // unkeyed: first live element of staged_
   std::vector<slot> retry_ready_;  // unkeyed: retries whose deadline has come
-  std::vector<slot> scratch_;      // keyed: values just taken from the intake
+  std::vector<stored_value> received_;  // values just taken from the intake
   key_table keys_;                 // keyed: per-key state and the ready FIFO
   std::size_t ready_retries_ = 0;   // keyed: ready values that are retries (due at once)
   std::size_t pending_values_ = 0;  // keyed: entries with a pending value
@@ -963,11 +994,11 @@ class write_behind_engine {
   bool stopping_ = false;
   bool drain_expired_ = false;
   time_point drain_deadline_ = time_point::max();
+  std::optional<time_point> empty_since_;  // the last take that emptied the intake (see take_from_intake_locked())
 
   alignas(cache_line) std::atomic<std::size_t> wake_threshold_{1};
   std::atomic<bool> wake_sent_{false};  // a producer has woken a parked flusher (see wake_flusher())
   static constexpr std::int64_t no_stamp = std::numeric_limits<std::int64_t>::min();
-  std::optional<time_point> empty_since_;  // the last take that emptied the intake (see take_from_intake_locked())
   std::atomic<std::int64_t> woken_at_{no_stamp};  // when the waking producer enqueued (ns since epoch)
   alignas(cache_line) event_count work_ec_;   // flushers park here
   alignas(cache_line) event_count space_ec_;  // producers wait for room here

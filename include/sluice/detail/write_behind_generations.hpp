@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace sluice::detail {
@@ -28,6 +29,12 @@ class write_behind_generations {
   [[nodiscard]] std::uint64_t of_index(std::uint64_t index, std::size_t& cursor) const noexcept {
     while (cursor < sealed_.size() && sealed_[cursor].boundary <= index) ++cursor;
     return first_sealed_ + cursor;
+  }
+
+  /// How many indexes from `index` on (`cursor` as of_index(index, cursor) left it) belong to the
+  /// same generation as `index`: up to the next flush() boundary, or all of them.
+  [[nodiscard]] std::uint64_t run_left(std::uint64_t index, std::size_t cursor) const noexcept {
+    return cursor < sealed_.size() ? sealed_[cursor].boundary - index : std::numeric_limits<std::uint64_t>::max();
   }
 
   /// `n` values of `gen` were taken from the intake.
