@@ -318,11 +318,12 @@ class reconcile_pipeline {
   /// Sizes of the internal tables (for tests of the "returns to empty" guarantee).
   struct table_sizes {
     std::size_t keys, slab_capacity, index_entries, index_buckets, heap_entries, heap_capacity, queued, waiting;
+    std::uint64_t relocated;  ///< idle key states moved down so that a sparse slab chunk could be freed
   };
   [[nodiscard]] table_sizes internal_sizes() const {
     std::lock_guard lk(mu_);
     return table_sizes{slab_.live(), slab_.capacity(), index_.size(), index_.bucket_count(), heap_.size(),
-                       heap_.capacity(), queued_, waiting_};
+                       heap_.capacity(), queued_, waiting_, relocated_};
   }
 
   [[nodiscard]] std::size_t max_parallel() const noexcept { return opts_.max_parallel; }
@@ -500,7 +501,79 @@ class reconcile_pipeline {
     n.cancel_run = false;
     n.heap_pos = detail::no_node;
     slab_.release(id);
-    if (slab_.live() == 0) heap_.release();
+    if (slab_.live() == 0) {
+      heap_.release();
+    } else {
+      heap_.shrink_for(slab_.live() + 1);  // every live node may be scheduled: push never allocates
+      compact_locked();
+    }
+  }
+
+  // Memory returns after a burst while keys stay live (review r1 F12): when the slab is mostly
+  // empty, the idle nodes of its highest used chunk move to free slots below, so the chunk empties
+  // and is released. A running node cannot move (its reconcile holds a reference to the key); it
+  // blocks compaction until its run ends. Each step empties a chunk, so the work is bounded by
+  // the chunks given back. Not while finalize_locked walks the slab (it holds the shrink).
+  void compact_locked() noexcept {
+    if constexpr (std::is_nothrow_move_constructible_v<key_type>) {
+      constexpr std::size_t chunk = detail::node_slab<node>::chunk_size;
+      while (compact_blocker_ == detail::no_node && !slab_.held() && slab_.chunks() > 1) {
+        std::size_t top = slab_.chunks() - 1;
+        if (top > 0 && slab_.chunk_live(top) == 0) --top;  // the spare the slab keeps
+        if (top < slab_.retained_chunks() || slab_.live() * 2 > top * chunk) return;
+        const std::size_t chunks_before = slab_.chunks();
+        const auto base = static_cast<std::uint32_t>(top * chunk);
+        for (std::uint32_t id = base; id < base + chunk && slab_.chunk_live(top) != 0; ++id) {
+          node& n = slab_[id];
+          if (!n.key) continue;
+          if (n.running) {
+            compact_blocker_ = id;  // finish_locked resumes once this run ends
+            return;
+          }
+          relocate_locked(id, n);
+          if (slab_.chunks() <= top) break;  // the chunk is gone: stop reading it
+        }
+        if (slab_.chunks() == chunks_before && slab_.chunks() > top && slab_.chunk_live(top) != 0) return;
+      }
+    }
+  }
+
+  // Moves an idle live node to the lowest free slot (below it: compact_locked's condition) and
+  // points every reference at the new id: the index, and its FIFO neighbours or heap entry.
+  void relocate_locked(std::uint32_t from, node& a) noexcept {
+    const std::uint32_t to = slab_.allocate();
+    node& b = slab_[to];
+    b.key.emplace(std::move(*a.key));
+    if (a.entity) b.entity.emplace(std::move(*a.entity));
+    b.ready_at = a.ready_at;
+    b.deadline = a.deadline;
+    b.hash = a.hash;
+    b.next = a.next;
+    b.prev = a.prev;
+    b.heap_pos = a.heap_pos;
+    b.failures = a.failures;
+    b.worker = a.worker;
+    b.pend = a.pend;
+    b.priority = a.priority;
+    b.reason = a.reason;
+    b.running = false;
+    b.cancel_run = a.cancel_run;
+    index_.replace(b.hash, from, to);
+    ++relocated_;
+    if (b.pend == pend_queued) {
+      level& l = levels_[b.priority];
+      if (b.prev != detail::no_node) slab_[b.prev].next = to; else l.head = to;
+      if (b.next != detail::no_node) slab_[b.next].prev = to; else l.tail = to;
+    } else if (b.pend == pend_scheduled) {
+      heap_.set_id(b.heap_pos, to);
+    }
+    a.key.reset();
+    a.entity.reset();
+    a.failures = 0;
+    a.cancel_run = false;
+    a.pend = pend_none;
+    a.heap_pos = a.prev = detail::no_node;
+    slab_.release(from);
   }
 
   std::chrono::nanoseconds backoff_delay_locked(std::uint32_t failures) {
@@ -1066,7 +1139,13 @@ class reconcile_pipeline {
       --waiting_;
       push_queued_locked(id, n);
     }
-    if (n.pend == pend_none) free_node_locked(id, n);
+    const bool was_blocker = compact_blocker_ == id;  // this run held up compaction: it may move now
+    if (was_blocker) compact_blocker_ = detail::no_node;
+    if (n.pend == pend_none) {
+      free_node_locked(id, n);  // compacts
+    } else if (was_blocker) {
+      compact_locked();
+    }
   }
 
   // Spins (unlocked) for about a microsecond or two until a submission sets the work hint; bounded,
@@ -1258,6 +1337,8 @@ class reconcile_pipeline {
   std::size_t running_ = 0;
   std::size_t delivering_ = 0;  // on_dead_letter calls in progress (outside the lock)
   std::size_t space_threshold_ = 0;  // capacity - max(1, capacity / 4)
+  std::uint32_t compact_blocker_ = detail::no_node;  // a running node compaction waits for
+  std::uint64_t relocated_ = 0;                       // nodes moved by compact_locked (a test counter)
 
   bool closed_ = false;
   bool stopping_ = false;

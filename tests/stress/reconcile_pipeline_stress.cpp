@@ -40,10 +40,13 @@ std::uint64_t mix(std::uint64_t x) {
   return x ^ (x >> 33);
 }
 
-void run(conflict_strategy strategy, int submitters, std::size_t max_parallel, std::uint64_t seed) {
+// `wide`: 700 keys per submitter, capacity 16 and half the submissions delayed by up to 40 ms, so
+// scheduled keys pile up far beyond the slab's retained chunk and drain again: the slab compacts
+// (moves idle nodes down, releases chunks) while workers run (review r1 F12).
+void run(conflict_strategy strategy, int submitters, std::size_t max_parallel, std::uint64_t seed, bool wide = false) {
   INFO("seed " << seed << " strategy " << static_cast<int>(strategy) << " submitters " << submitters
-               << " max_parallel " << max_parallel);
-  constexpr std::uint32_t keys_per_submitter = 64;
+               << " max_parallel " << max_parallel << " wide " << wide);
+  const std::uint32_t keys_per_submitter = wide ? 700 : 64;
   const std::uint32_t key_count = keys_per_submitter * static_cast<std::uint32_t>(submitters);
   const std::size_t ops = sluice_test::scaled(60'000, 15) / static_cast<std::size_t>(submitters);
 
@@ -56,7 +59,7 @@ void run(conflict_strategy strategy, int submitters, std::size_t max_parallel, s
   manual_clock clock;
   pipe_t::options o;
   o.max_parallel = max_parallel;
-  o.capacity = 128;
+  o.capacity = wide ? 16 : 128;
   o.on_conflict = strategy;
   o.conflict_delay = 2ms;
   o.priority_levels = 3;
@@ -115,7 +118,7 @@ void run(conflict_strategy strategy, int submitters, std::size_t max_parallel, s
         const std::uint32_t v = next_version[local]++;
         sluice::submit_options so;
         so.priority = static_cast<int>(rng() % 3);
-        if (rng() % 16 == 0) so.delay = std::chrono::milliseconds(rng() % 4);
+        if (wide ? rng() % 2 == 0 : rng() % 16 == 0) so.delay = std::chrono::milliseconds(rng() % (wide ? 40 : 4));
         const auto st = p.submit(item{key, v}, so);
         if (st == submit_status::ok) last_ok[key] = v;
         if (st == submit_status::discarded) ++discarded_seen;
@@ -128,6 +131,7 @@ void run(conflict_strategy strategy, int submitters, std::size_t max_parallel, s
   ticker.join();
 
   const auto m = p.metrics();
+  INFO("key states relocated by compaction: " << p.internal_sizes().relocated);
   CHECK(drained);
   CHECK(overlaps == 0);
   CHECK(reorders == 0);
@@ -156,6 +160,15 @@ TEST_CASE("reconcile_pipeline stress: every conflict strategy, swept over thread
       for (std::size_t max_parallel : {std::size_t{1}, std::size_t{2}, std::size_t{8}}) {
         run(strategy, submitters, max_parallel, seed + static_cast<std::uint64_t>(submitters) * 31 + max_parallel);
       }
+    }
+  }
+}
+
+TEST_CASE("reconcile_pipeline stress: a key space far beyond the retained slab (compaction under load)") {
+  const auto seed = sluice_test::seed();
+  for (auto strategy : {conflict_strategy::coalesce, conflict_strategy::requeue_after}) {
+    for (std::size_t max_parallel : {std::size_t{2}, std::size_t{8}}) {
+      run(strategy, 3, max_parallel, seed + 977 + max_parallel, true);
     }
   }
 }

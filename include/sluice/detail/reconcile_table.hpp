@@ -1,8 +1,10 @@
 // sluice/detail/reconcile_table.hpp — the three tables behind reconcile_pipeline (not public API).
 //
 //   node_slab<Node>   per-key state nodes in chunks of 256 (addresses never move, so a running
-//                     reconcile can hold a reference to its node's key), recycled through a free
-//                     list; when the last node is freed, chunks beyond a retained floor are released.
+//                     reconcile can hold a reference to its node's key), recycled through per-chunk
+//                     free lists, allocated from the lowest chunk with room; trailing chunks without
+//                     a live node are released down to a retained floor (review r1 F12; the owner
+//                     moves idle nodes out of a sparse top chunk so that it empties).
 //   slot_index        open addressing (linear probing, backward-shift deletion, no tombstones) from a
 //                     32-bit mixed hash to a node id; load <= 1/2, shrinks at 1/8 and is freed at
 //                     empty, but never below a retained floor.
@@ -20,6 +22,7 @@
 // state transitions never allocate (the heap reserves room for every live node up front).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <bit>
 #include <cstddef>
@@ -133,58 +136,101 @@ class node_slab {
   }
   [[nodiscard]] std::size_t live() const noexcept { return live_; }
   [[nodiscard]] std::size_t capacity() const noexcept { return chunks_.size() * chunk_size; }
+  [[nodiscard]] std::size_t chunks() const noexcept { return chunks_.size(); }
+  [[nodiscard]] std::size_t retained_chunks() const noexcept { return retain_chunks_; }
+  [[nodiscard]] std::uint32_t chunk_live(std::size_t c) const noexcept { return info_[c].live; }
+  /// The lowest chunk with a free node (chunks() if none).
+  [[nodiscard]] std::size_t lowest_free_chunk() const noexcept {
+    for (std::size_t w = hint_; w < bits_.size(); ++w) {
+      if (bits_[w] != 0) return std::min(chunks_.size(), w * 64 + static_cast<std::size_t>(std::countr_zero(bits_[w])));
+    }
+    return chunks_.size();
+  }
 
   /// Makes sure the next allocate() cannot fail. May allocate (one chunk).
   void reserve_one() {
-    if (free_ != no_node) return;
+    if (live_ < capacity()) return;
     if (chunks_.size() >= (no_node - 1) / chunk_size) throw std::length_error("sluice::reconcile_pipeline: too many keys");
-    chunks_.reserve(chunks_.size() + 1);
+    const std::size_t c = chunks_.size();
+    chunks_.reserve(c + 1);
+    info_.reserve(c + 1);
+    if (bits_.size() <= c / 64) bits_.resize(c / 64 + 1, 0);
     auto chunk = std::make_unique<Node[]>(chunk_size);
-    const auto base = static_cast<std::uint32_t>(chunks_.size() * chunk_size);
+    const auto base = static_cast<std::uint32_t>(c * chunk_size);
     for (std::uint32_t i = 0; i < chunk_size; ++i) chunk[i].next = i + 1 < chunk_size ? base + i + 1 : no_node;
-    chunks_.push_back(std::move(chunk));
-    free_ = base;
+    chunks_.push_back(std::move(chunk));  // capacity reserved: cannot throw from here on
+    info_.push_back(chunk_info{base, 0});
+    mark_free(c);
   }
 
-  /// A free node's id (reserve_one() first). Never allocates.
+  /// A free node's id, from the lowest chunk that has one (so that high chunks empty out and can
+  /// be released while keys stay live). reserve_one() first. Never allocates.
   [[nodiscard]] std::uint32_t allocate() noexcept {
-    const std::uint32_t id = free_;
-    free_ = (*this)[id].next;
+    const std::size_t c = lowest_free_chunk();
+    hint_ = c / 64;  // every word below is empty
+    chunk_info& ci = info_[c];
+    const std::uint32_t id = ci.free;
+    ci.free = (*this)[id].next;
+    if (++ci.live == chunk_size) bits_[c / 64] &= ~(std::uint64_t{1} << (c % 64));
     ++live_;
     return id;
   }
 
-  /// Returns a node (its members already reset by the owner). Never allocates; at zero live
-  /// nodes every chunk beyond the retained floor is released, unless hold_shrink() is in effect
-  /// (a caller walking ids 0..capacity() must not see chunks vanish under it).
+  /// Returns a node (its members already reset by the owner). Never allocates. Trailing chunks
+  /// left without a live node are released down to the retained floor, keeping one empty chunk
+  /// above the highest used one (no thrash at a chunk boundary); everything beyond the floor once
+  /// the slab is empty. Not while hold_shrink() is in effect: a caller walking ids 0..capacity()
+  /// must not see chunks vanish under it (review r1 F1).
   void release(std::uint32_t id) noexcept {
-    (*this)[id].next = free_;
-    free_ = id;
-    if (--live_ == 0 && !hold_) shrink_if_empty();
+    const std::size_t c = id / chunk_size;
+    chunk_info& ci = info_[c];
+    (*this)[id].next = ci.free;
+    ci.free = id;
+    --ci.live;
+    mark_free(c);
+    --live_;
+    if (!hold_) trim();
   }
 
-  /// While held, release() never shrinks; end_hold() shrinks once if the slab is then empty.
+  /// While held, release() never shrinks; end_hold() trims once.
   void hold_shrink() noexcept { hold_ = true; }
   void end_hold() noexcept {
     hold_ = false;
-    if (live_ == 0) shrink_if_empty();
+    trim();
   }
+  [[nodiscard]] bool held() const noexcept { return hold_; }
 
   /// How many nodes' worth of chunks to keep when the slab empties (rounded up to chunks).
-  void set_retained(std::size_t nodes) noexcept { retain_chunks_ = (nodes + chunk_size - 1) / chunk_size; }
+  void set_retained(std::size_t nodes) noexcept {
+    retain_chunks_ = std::max<std::size_t>(1, (nodes + chunk_size - 1) / chunk_size);
+  }
 
  private:
-  void shrink_if_empty() noexcept {
-    if (chunks_.size() > retain_chunks_) {
-      chunks_.resize(retain_chunks_);
-      const auto n = static_cast<std::uint32_t>(chunks_.size() * chunk_size);
-      for (std::uint32_t i = 0; i < n; ++i) (*this)[i].next = i + 1 < n ? i + 1 : no_node;
-      free_ = n == 0 ? no_node : 0;
+  struct chunk_info {
+    std::uint32_t free;  // head of this chunk's free list (ids), no_node if full
+    std::uint32_t live;  // nodes in use
+  };
+
+  void mark_free(std::size_t c) noexcept {
+    bits_[c / 64] |= std::uint64_t{1} << (c % 64);
+    hint_ = std::min(hint_, c / 64);
+  }
+
+  void trim() noexcept {
+    while (chunks_.size() > retain_chunks_) {
+      const std::size_t last = chunks_.size() - 1;
+      if (info_[last].live != 0) return;
+      if (live_ != 0 && info_[last - 1].live != 0) return;  // the one spare above the highest used
+      bits_[last / 64] &= ~(std::uint64_t{1} << (last % 64));
+      info_.pop_back();
+      chunks_.pop_back();  // frees the chunk (its nodes are all free: nothing to destroy but shells)
     }
   }
 
   std::vector<std::unique_ptr<Node[]>> chunks_;
-  std::uint32_t free_ = no_node;
+  std::vector<chunk_info> info_;
+  std::vector<std::uint64_t> bits_;  // bit c: chunk c has a free node
+  std::size_t hint_ = 0;             // no word below this one has a bit set
   std::size_t live_ = 0;
   std::size_t retain_chunks_ = 1;
   bool hold_ = false;
@@ -217,6 +263,13 @@ class slot_index {
     while (buckets_[i].id != no_node) i = (i + 1) & mask_;
     buckets_[i] = bucket{h, id};
     ++size_;
+  }
+
+  /// The entry for node `from` (stored under hash `h`) now names node `to`. Never allocates.
+  void replace(std::uint32_t h, std::uint32_t from, std::uint32_t to) noexcept {
+    std::size_t i = h & mask_;
+    while (buckets_[i].id != from) i = (i + 1) & mask_;
+    buckets_[i].id = to;
   }
 
   /// Removes `id` (stored under hash `h`). Never throws; may give memory back.
@@ -301,6 +354,22 @@ class deadline_heap {
   void release() noexcept {
     if (heap_.empty() && heap_.capacity() > retain_) std::vector<entry>().swap(heap_);
   }
+  /// Shrinks the array when it is more than 4x larger than `needed` (the room push() must keep)
+  /// and the retained size: to max(retained, 2 x needed). May allocate; on failure keeps the
+  /// larger array (always correct).
+  void shrink_for(std::size_t needed) noexcept {
+    const std::size_t floor = std::max(retain_, needed);
+    if (heap_.capacity() <= 4 * floor) return;
+    try {
+      std::vector<entry> fresh;
+      fresh.reserve(std::max(retain_, 2 * needed));
+      fresh.assign(heap_.begin(), heap_.end());  // same order: stored positions stay valid
+      heap_.swap(fresh);
+    } catch (...) {
+    }
+  }
+  /// The entry at `at` now belongs to node `id` (the node moved; its position did not).
+  void set_id(std::uint32_t at, std::uint32_t id) noexcept { heap_[at].id = id; }
   void set_retained(std::size_t n) noexcept { retain_ = n; }
 
   template <class Pos>
