@@ -1300,3 +1300,59 @@ TEST_CASE("reconcile_pipeline: a later-due submission merged into a scheduled re
   p.stop();
   CHECK(p.metrics().balanced());
 }
+
+namespace {
+/// A manual_clock that counts the threads parked on it with a deadline and without one.
+struct counting_clock {
+  using duration = manual_clock::duration;
+  using rep = manual_clock::rep;
+  using period = manual_clock::period;
+  using time_point = manual_clock::time_point;
+  static constexpr bool is_steady = true;
+
+  manual_clock inner;
+  std::shared_ptr<std::atomic<int>> timed = std::make_shared<std::atomic<int>>(0);
+  std::shared_ptr<std::atomic<int>> untimed = std::make_shared<std::atomic<int>>(0);
+  time_point now() const { return inner.now(); }
+  void wait(sluice::detail::event_count& ec, sluice::detail::event_count::key_type k) const {
+    ++*untimed;
+    inner.wait(ec, k);
+    --*untimed;
+  }
+  bool wait_until(sluice::detail::event_count& ec, sluice::detail::event_count::key_type k, time_point tp) const {
+    ++*timed;
+    const bool r = inner.wait_until(ec, k, tp);
+    --*timed;
+    return r;
+  }
+};
+}  // namespace
+
+// Review r1 F5: every idle worker parked until the same earliest deadline, so each due requeue
+// woke all of them. One worker (the timer keeper) parks with the deadline; the others without.
+TEST_CASE("reconcile_pipeline: idle workers leave the timer to one keeper (r1 F5)") {
+  using cpipe = sluice::reconcile_pipeline<item, sluice::key_member<&item::key>, counting_clock>;
+  hang_guard guard("timer keeper test");
+  counting_clock clock;
+  std::atomic<int> runs{0};
+  cpipe::options o;
+  o.max_parallel = 8;
+  cpipe p(o, [&](const item&, std::stop_token) {
+    ++runs;
+    return reconcile_result::done();
+  }, clock);
+  auto parked = [&](int timed, int untimed) {
+    return eventually([&] { return clock.timed->load() == timed && clock.untimed->load() == untimed; });
+  };
+  CHECK(parked(0, 8));  // nothing scheduled: nobody watches the clock
+  for (int k = 0; k < 5; ++k) REQUIRE(p.submit(item{k, 1}, {.delay = std::chrono::seconds(6 + k)}) == submit_status::ok);
+  CHECK(parked(1, 7));  // five deadlines, one keeper (on the earliest)
+  clock.inner.advance(6s);  // the earliest is due
+  REQUIRE(eventually([&] { return runs.load() == 1; }));
+  CHECK(parked(1, 7));
+  clock.inner.advance(4s);  // the other four
+  REQUIRE(eventually([&] { return runs.load() == 5 && p.metrics().keys == 0; }));
+  CHECK(parked(0, 8));
+  p.stop();
+  CHECK(p.metrics().balanced());
+}

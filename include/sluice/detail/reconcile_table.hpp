@@ -12,8 +12,8 @@
 //   keys (which its bound allows anyway) instead of paying page faults on every burst.
 //   deadline_heap     binary min-heap of {deadline, seq, id}; the node keeps its heap position, so
 //                     erase/update are O(log n); equal deadlines pop in scheduling order.
-//   spin_mutex        the pipeline's one lock: spins briefly, yields, then parks (futex via
-//                     std::atomic::wait). Its critical sections are a few dozen nanoseconds, and
+//   spin_mutex        the pipeline's one lock: spins about a microsecond (by the TSC), then parks
+//                     (futex via event_count), with bounded barging. Its critical sections are a few dozen nanoseconds, and
 //                     std::mutex parks at the first contention: with three threads on two cores that
 //                     made every other hand-off a context switch.
 //
@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "event_count.hpp"
+#include "reconcile_spin.hpp"
 
 namespace sluice::detail {
 
@@ -54,12 +55,15 @@ class spin_mutex {
     std::uint32_t expected = 0;
     // acquire: pairs with the release in unlock(); the critical section happens after it.
     if (state_.compare_exchange_strong(expected, locked, std::memory_order_acquire, std::memory_order_relaxed)) return;
-    for (int i = 0; i < 64; ++i) {
+    // Spin about a microsecond — a few of the owner's critical sections — by elapsed time, not
+    // by a count of pauses (100 ns each on this EPYC: 64 of them were 4-8 µs; review r1 F6).
+    // No sched_yield: on a loaded machine one yield can give the core away for a whole time
+    // slice (review r1 F6/F14); parking is cheaper and bounded.
+    spin_budget<1000, 16> budget;
+    do {
       cpu_relax();
       if (try_lock()) return;
-    }
-    // No sched_yield here: on a loaded machine one yield can give the core away for a whole
-    // time slice (review r1 F6/F14); parking is cheaper and bounded.
+    } while (!budget.expired());
     lock_slow();
   }
   bool try_lock() noexcept {

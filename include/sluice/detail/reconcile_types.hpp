@@ -28,14 +28,8 @@
 #include "../clock.hpp"
 #include "event_count.hpp"
 #include "reconcile_histogram.hpp"
+#include "reconcile_spin.hpp"
 #include "../key.hpp"
-
-#if (defined(__x86_64__) || defined(__i386__)) && !defined(SLUICE_NO_TSC)
-#include <x86intrin.h>
-#define SLUICE_DETAIL_PIPELINE_TSC 1
-#else
-#define SLUICE_DETAIL_PIPELINE_TSC 0
-#endif
 
 namespace sluice {
 
@@ -93,26 +87,6 @@ template <class TimePoint>
 }
 }  // namespace detail
 
-namespace detail {
-/// Nanoseconds per time-stamp-counter tick, measured once per process over 2 ms against
-/// std::chrono::steady_clock (both clocks run through any preemption, so the ratio holds).
-inline double tsc_ns_per_tick() noexcept {
-#if SLUICE_DETAIL_PIPELINE_TSC
-  static const double value = [] {
-    const auto s0 = std::chrono::steady_clock::now();
-    const auto t0 = __rdtsc();
-    auto s1 = s0;
-    while (s1 - s0 < std::chrono::milliseconds(2)) s1 = std::chrono::steady_clock::now();
-    const auto t1 = __rdtsc();
-    const double ns = static_cast<double>(std::chrono::duration_cast<std::chrono::nanoseconds>(s1 - s0).count());
-    return t1 > t0 ? ns / static_cast<double>(t1 - t0) : 1.0;
-  }();
-  return value;
-#else
-  return 1.0;
-#endif
-}
-}  // namespace detail
 
 /// What a reconcile returns. Cheap to build; only failures carry a string.
 class reconcile_result {
