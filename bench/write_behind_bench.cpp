@@ -6,8 +6,10 @@
 //                    keyed with distinct keys, keyed with a hot set of 100 keys; the baseline.
 //  BM_*_latency      enqueue-to-persist p50/p99 with linger 5 ms at 50% load: the sink sleeps
 //                    200 us + 1 us per row (a fast database). Each run first measures what the
-//                    queue and that sink absorb flat out (capacity), then offers half of it for a
-//                    second, paced in 100 us steps. Also at a trickle (20k/s), where linger decides.
+//                    queue and that sink absorb flat out (capacity), then offers half of it for
+//                    two seconds from one producer (100 us steps, each value stamped just before
+//                    its enqueue). Also at a trickle (20k/s), where linger decides. Split into the
+//                    batcher's share (wait) and the sink call's (sink); see the latency section.
 //  BM_*_idle_cpu     process CPU over one second of an idle batcher (after a flush).
 //
 // Real time and process CPU time are both reported (MeasureProcessCPUTime).
@@ -20,11 +22,13 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <span>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -184,43 +188,97 @@ BENCHMARK(BM_write_behind_throughput)->Apply([](auto* b) { throughput_args(b, tr
 BENCHMARK(BM_seed_style_throughput)->Apply([](auto* b) { throughput_args(b, false); });
 
 // ---- latency at 50% load ----------------------------------------------------------------------
+// Enqueue-to-persist: from just before enqueue() (a clock read per value, by the producer, at the
+// moment it calls enqueue) to the return of the sink call that persisted it. The sink stands for a
+// fast database: it sleeps 200 us + 1 us per row, as a thread waiting for a server does. Besides the
+// total, each run splits it: `wait` = enqueue to the sink call's start (the batcher's share: linger,
+// waiting for a batch to fill, queueing behind a batch in the sink, the flusher's wake-up) and
+// `sink` = the sink call itself (the simulated database, including the OS waking the sleeper).
+// `late` is how far past its oldest value's linger deadline a batch that was not full started
+// (a late flusher wake-up shows here). The 1-minute load average is reported with each run.
 struct stamped {
   std::chrono::steady_clock::time_point at;
 };
 
-// The sink's cost: 200 us per batch + 1 us per row, sleeping (as a thread waiting for a database).
-void simulate_write(std::size_t rows) {
-  std::this_thread::sleep_for(200us + std::chrono::microseconds(rows));
+void simulate_write(std::size_t rows) { std::this_thread::sleep_for(200us + std::chrono::microseconds(rows)); }
+
+double ms(std::chrono::steady_clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
+
+// What the sink records: per value total and wait; per batch sink time and lateness. Preallocated
+// so that recording never reallocates inside a sink call.
+struct latency_log {
+  explicit latency_log(std::size_t values) {
+    total.reserve(values);
+    wait.reserve(values);
+    sink.reserve(values / 8);
+    late.reserve(values / 8);
+  }
+  void record(std::span<const stamped> batch, std::chrono::steady_clock::time_point entered,
+              std::chrono::steady_clock::time_point left, std::size_t max_batch, std::chrono::nanoseconds linger) {
+    std::lock_guard lock(m);
+    auto oldest = entered;
+    for (const stamped& s : batch) {
+      total.push_back(ms(left - s.at));
+      wait.push_back(ms(entered - s.at));
+      oldest = std::min(oldest, s.at);
+    }
+    sink.push_back(ms(left - entered));
+    if (batch.size() < max_batch) late.push_back(ms(entered - (oldest + linger)));
+  }
+  void clear() {
+    std::lock_guard lock(m);
+    total.clear();
+    wait.clear();
+    sink.clear();
+    late.clear();
+  }
+  std::mutex m;
+  std::vector<double> total, wait, sink, late;
+};
+
+double percentile(std::vector<double>& v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<std::size_t>(static_cast<double>(v.size()) * p))];
 }
 
-void record(std::mutex& m, std::vector<double>& out, std::span<const stamped> batch) {
-  const auto now = std::chrono::steady_clock::now();
-  std::lock_guard lock(m);
-  for (const stamped& s : batch) out.push_back(std::chrono::duration<double, std::milli>(now - s.at).count());
+double load_average() {
+  double one = -1;
+  if (std::FILE* f = std::fopen("/proc/loadavg", "r")) {
+    if (std::fscanf(f, "%lf", &one) != 1) one = -1;
+    std::fclose(f);
+  }
+  return one;
 }
 
-// Offers `rate` values/s for `duration`, in 100 us steps.
+// Offers `rate` values/s for `duration` on one producer thread: it sleeps to the next 100 us step
+// and enqueues what is owed by then, each value stamped just before its own enqueue() (a late
+// wake-up makes a burst, never a stale stamp).
 template <class Enqueue>
 void offer(double rate, std::chrono::milliseconds duration, Enqueue&& enqueue) {
   const auto start = std::chrono::steady_clock::now();
   const auto end = start + duration;
-  double owed = 0;
-  auto next = start;
-  while (next < end) {
+  std::uint64_t sent = 0;
+  for (auto next = start; next < end; next += 100us) {
     std::this_thread::sleep_until(next);
-    const auto now = std::chrono::steady_clock::now();
-    owed += rate * std::chrono::duration<double>(100us).count();
-    for (; owed >= 1; owed -= 1) enqueue(stamped{now});
-    next += 100us;
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const auto owed = static_cast<std::uint64_t>(rate * std::min(elapsed, std::chrono::duration<double>(duration).count()));
+    for (; sent < owed; ++sent) enqueue(stamped{std::chrono::steady_clock::now()});
   }
 }
 
-void report(benchmark::State& state, std::vector<double>& lat) {
-  if (lat.empty()) return;
-  std::sort(lat.begin(), lat.end());
-  state.counters["p50_ms"] = lat[lat.size() / 2];
-  state.counters["p99_ms"] = lat[lat.size() * 99 / 100];
-  state.counters["max_ms"] = lat.back();
+void report(benchmark::State& state, latency_log& log, double rate) {
+  std::lock_guard lock(log.m);
+  const double batches = static_cast<double>(log.sink.size());
+  state.counters["offered_per_s"] = rate;
+  state.counters["avg_batch"] = batches > 0 ? static_cast<double>(log.total.size()) / batches : 0;
+  state.counters["p50_ms"] = percentile(log.total, 0.50);
+  state.counters["p99_ms"] = percentile(log.total, 0.99);
+  state.counters["max_ms"] = log.total.empty() ? 0 : log.total.back();
+  state.counters["wait_p99_ms"] = percentile(log.wait, 0.99);
+  state.counters["sink_p99_ms"] = percentile(log.sink, 0.99);
+  state.counters["late_p99_ms"] = percentile(log.late, 0.99);
+  state.counters["loadavg"] = load_average();
 }
 
 // Values/s a queue and the simulated sink absorb flat out (one producer, 200k values).
@@ -233,42 +291,51 @@ double capacity_of(Make&& make, Enqueue&& enqueue, Flush&& flush) {
   return 200000 / std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-// Arg: 0 = half of the measured capacity; otherwise the offered rate in values/s.
+constexpr std::size_t latency_batch = 512;
+constexpr auto latency_linger = 5ms;
+
+// Args: rate (0 = half of the capacity measured first in the same run; otherwise values/s), flushers,
+// flusher_slice in us (0: the threads keep the scheduler's default slice).
 void BM_write_behind_latency(benchmark::State& state) {
-  std::mutex m;
-  std::vector<double> lat;
+  const auto flushers = static_cast<std::size_t>(state.range(1));
+  const auto slice = std::chrono::microseconds(state.range(2));
+  latency_log log(2'500'000);
   auto make = [&] {
     return std::make_unique<sluice::write_behind<stamped>>(
-        sluice::write_behind_options<stamped>{.capacity = 8192, .max_batch = 512, .linger = 5ms},
+        sluice::write_behind_options<stamped>{
+            .capacity = 8192,
+            .max_batch = latency_batch,
+            .linger = latency_linger,
+            .flushers = flushers,
+            .flusher_slice = slice},
         [&](std::span<const stamped> b) {
+          const auto entered = std::chrono::steady_clock::now();
           simulate_write(b.size());
-          record(m, lat, b);
+          log.record(b, entered, std::chrono::steady_clock::now(), latency_batch, latency_linger);
         });
   };
   auto enqueue = [](auto& wb, stamped s) { (void)wb.enqueue(std::move(s)); };
   auto flush = [](auto& wb) { wb.flush(); };
   double rate = static_cast<double>(state.range(0));
   for (auto _ : state) {
-    if (rate == 0) {
-      rate = capacity_of(make, enqueue, flush) / 2;
-      lat.clear();
-    }
+    if (rate == 0) rate = capacity_of(make, enqueue, flush) / 2;
+    log.clear();
     auto wb = make();
-    offer(rate, 1000ms, [&](stamped s) { enqueue(*wb, s); });
+    offer(rate, 2000ms, [&](stamped s) { enqueue(*wb, s); });
     wb->flush();
   }
-  report(state, lat);
-  state.counters["offered_per_s"] = rate;
-  state.SetLabel("sluice, linger 5ms");
+  report(state, log, rate);
+  state.SetLabel("sluice, linger 5ms, " + std::to_string(flushers) + " flusher(s), slice " +
+                 (slice.count() == 0 ? std::string("default") : std::to_string(slice.count()) + "us"));
 }
 
 void BM_seed_style_latency(benchmark::State& state) {
-  std::mutex m;
-  std::vector<double> lat;
+  latency_log log(2'500'000);
   auto make = [&] {
-    return std::make_unique<seed_style_queue<stamped>>(8192, 512, 5000us, 3, [&](std::span<const stamped> b) {
+    return std::make_unique<seed_style_queue<stamped>>(8192, latency_batch, 5000us, 3, [&](std::span<const stamped> b) {
+      const auto entered = std::chrono::steady_clock::now();
       simulate_write(b.size());
-      record(m, lat, b);
+      log.record(b, entered, std::chrono::steady_clock::now(), latency_batch, latency_linger);
       return true;
     });
   };
@@ -276,20 +343,27 @@ void BM_seed_style_latency(benchmark::State& state) {
   auto flush = [](auto& q) { q.flush(); };
   double rate = static_cast<double>(state.range(0));
   for (auto _ : state) {
-    if (rate == 0) {
-      rate = capacity_of(make, enqueue, flush) / 2;
-      lat.clear();
-    }
+    if (rate == 0) rate = capacity_of(make, enqueue, flush) / 2;
+    log.clear();
     auto q = make();
-    offer(rate, 1000ms, [&](stamped s) { enqueue(*q, s); });
+    offer(rate, 2000ms, [&](stamped s) { enqueue(*q, s); });
     q->flush();
   }
-  report(state, lat);
-  state.counters["offered_per_s"] = rate;
+  report(state, log, rate);
   state.SetLabel("seed-style, flush interval 5ms");
 }
 
-BENCHMARK(BM_write_behind_latency)->Arg(0)->Arg(20000)->ArgName("rate")->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_write_behind_latency)
+    ->Args({0, 1, 0})
+    ->Args({0, 1, 100})
+    ->Args({0, 2, 0})
+    ->Args({0, 2, 100})
+    ->Args({20000, 1, 0})
+    ->Args({20000, 1, 100})
+    ->ArgNames({"rate", "flushers", "slice_us"})
+    ->Iterations(1)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_seed_style_latency)->Arg(0)->Arg(20000)->ArgName("rate")->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
 
 // ---- idle CPU ----------------------------------------------------------------------------------

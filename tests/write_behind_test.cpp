@@ -20,6 +20,11 @@
 #include <thread>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 using namespace std::chrono_literals;
 using sluice::write_behind_outcome;
 using sluice::write_behind_reason;
@@ -701,6 +706,10 @@ TEST_CASE("write_behind: bad options throw std::invalid_argument naming the fiel
   CHECK(message({.capacity = 8, .max_batch = 9}) == "sluice::write_behind: max_batch must be <= capacity (8), got 9");
   CHECK(message({.linger = -1ns}) == "sluice::write_behind: linger must be >= 0, got -1ns");
   CHECK(message({.flushers = 0}) == "sluice::write_behind: flushers must be in [1, 256], got 0");
+  CHECK(message({.flusher_slice = 50us}) ==
+        "sluice::write_behind: flusher_slice must be 0 or in [100000ns, 100000000ns], got 50000ns");
+  CHECK(message({.flusher_slice = 200ms}) ==
+        "sluice::write_behind: flusher_slice must be 0 or in [100000ns, 100000000ns], got 200000000ns");
   CHECK(message({.drain_timeout = -1s}) == "sluice::write_behind: drain_timeout must be >= 0, got -1000000000ns");
   CHECK(message({.retry = {.base = 0ns}}) == "sluice::write_behind: retry.base must be > 0, got 0ns");
   CHECK(message({.retry = {.base = 2ns, .max = 1ns}}) ==
@@ -961,4 +970,54 @@ TEST_CASE("write_behind: a value enqueued while the flusher is in the sink linge
   CHECK(rec.calls[1] == std::vector<int>{2});
   wb.flush();
   check_balanced(wb.metrics());
+}
+
+// The calling thread's EEVDF slice in ns (sched_attr.sched_runtime), or 0 where unknown.
+static std::uint64_t current_slice_ns() {
+#if defined(__linux__) && defined(SYS_sched_getattr)
+  struct {
+    std::uint32_t size, policy;
+    std::uint64_t flags;
+    std::int32_t nice;
+    std::uint32_t priority;
+    std::uint64_t runtime, deadline, period;
+    std::uint32_t util_min, util_max;
+  } attr{};
+  attr.size = sizeof attr;
+  if (::syscall(SYS_sched_getattr, 0, &attr, sizeof attr, 0) != 0) return 0;
+  return attr.runtime;
+#else
+  return 0;
+#endif
+}
+
+TEST_CASE("write_behind: flusher_slice is applied to every flusher thread (where the kernel takes it)") {
+  // Does this kernel keep a per-thread slice at all (Linux >= 6.12)? Probe on a thread of our own.
+  bool supported = false;
+  std::thread([&] { supported = sluice::detail::request_time_slice(150us) && current_slice_ns() == 150'000; }).join();
+  std::mutex m;
+  std::set<std::uint64_t> seen;
+  {
+    sluice::write_behind<int> wb({.capacity = 64, .max_batch = 1, .linger = 0ns, .flushers = 3, .flusher_slice = 150us},
+                                 [&](std::span<const int>) {
+                                   std::lock_guard lock(m);
+                                   seen.insert(current_slice_ns());
+                                 });
+    for (int i = 0; i < 64; ++i) REQUIRE(wb.enqueue(int{i}) == write_behind_status::ok);
+    wb.flush();
+  }
+  REQUIRE(!seen.empty());
+  if (supported) CHECK(seen == std::set<std::uint64_t>{150'000});
+  // The default leaves the threads alone: the sink sees whatever slice the process started with.
+  const std::uint64_t inherited = current_slice_ns();
+  std::set<std::uint64_t> plain;
+  {
+    sluice::write_behind<int> wb({.max_batch = 1, .linger = 0ns}, [&](std::span<const int>) {
+      std::lock_guard lock(m);
+      plain.insert(current_slice_ns());
+    });
+    REQUIRE(wb.enqueue(1) == write_behind_status::ok);
+    wb.flush();
+  }
+  CHECK(plain == std::set<std::uint64_t>{inherited});
 }

@@ -104,6 +104,12 @@ struct write_behind_options {
                         .jitter = jitter_mode::equal,
                         .max_retries = 10};
   std::size_t flushers = 1;  ///< flusher threads = sink calls at once (1..256)
+  /// 0, or 100us..100ms: each flusher thread asks Linux's scheduler (EEVDF, kernel >= 6.12) for this
+  /// time slice instead of the default (sched_attr.sched_runtime; unprivileged; nice and policy are
+  /// kept). A flusher runs briefly, and a short slice lets its wake-up (a full batch, linger, a sink
+  /// call returning) preempt a CPU-bound task sooner: on a loaded machine the linger bound then
+  /// holds far more often. 0 leaves the threads alone; elsewhere, or on older kernels, it has no effect.
+  std::chrono::nanoseconds flusher_slice{0};
   std::chrono::nanoseconds drain_timeout = std::chrono::seconds(30);  ///< >= 0; how long stop() keeps flushing
   /// Receives every value given up on. May be empty (the values are then only counted).
   std::function<void(T&&, const write_behind_failure&)> on_failed{};

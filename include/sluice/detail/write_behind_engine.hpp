@@ -40,6 +40,11 @@
 #include <utility>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "../backoff.hpp"
 #include "../channel.hpp"
 #include "../clock.hpp"
@@ -78,6 +83,37 @@ std::function<void(std::span<const T>, write_behind_results&)> make_write_behind
   } else {
     return [s = std::move(sink)](std::span<const T> batch, write_behind_results&) mutable { s(batch); };
   }
+}
+
+/// Asks the scheduler to give the calling thread time slices of `slice` (Linux >= 6.12: EEVDF's
+/// per-task slice, sched_attr.sched_runtime of a SCHED_OTHER / SCHED_BATCH thread; no privilege
+/// needed). Keeps the thread's policy and nice value; does nothing where unsupported. Returns
+/// whether the kernel accepted it.
+inline bool request_time_slice(std::chrono::nanoseconds slice) noexcept {
+#if defined(__linux__) && defined(SYS_sched_getattr) && defined(SYS_sched_setattr)
+  struct {  // struct sched_attr (SCHED_ATTR_SIZE_VER1), which glibc does not declare
+    std::uint32_t size;
+    std::uint32_t policy;
+    std::uint64_t flags;
+    std::int32_t nice;
+    std::uint32_t priority;
+    std::uint64_t runtime;
+    std::uint64_t deadline;
+    std::uint64_t period;
+    std::uint32_t util_min;
+    std::uint32_t util_max;
+  } attr{};
+  attr.size = sizeof attr;
+  if (::syscall(SYS_sched_getattr, 0, &attr, sizeof attr, 0) != 0) return false;
+  if (attr.policy != 0 && attr.policy != 3) return false;  // SCHED_OTHER, SCHED_BATCH only
+  attr.size = sizeof attr;
+  attr.flags = 0;
+  attr.runtime = static_cast<std::uint64_t>(slice.count());
+  return ::syscall(SYS_sched_setattr, 0, &attr, 0) == 0;
+#else
+  (void)slice;
+  return false;
+#endif
 }
 
 /// The text of the exception being handled (call inside a catch block).
@@ -198,7 +234,10 @@ class write_behind_engine {
     threads_.reserve(options_.flushers);
     try {
       for (std::size_t i = 0; i < options_.flushers; ++i) {
-        threads_.emplace_back([this, i] { flusher_main(buffers_[i]); });
+        threads_.emplace_back([this, i] {
+          if (options_.flusher_slice.count() != 0) request_time_slice(options_.flusher_slice);
+          flusher_main(buffers_[i]);
+        });
       }
     } catch (...) {
       stop();
@@ -355,6 +394,10 @@ class write_behind_engine {
     }
     if (o.linger < o.linger.zero()) bad("linger must be >= 0, got " + ns(o.linger));
     if (o.flushers == 0 || o.flushers > 256) bad("flushers must be in [1, 256], got " + to_string(o.flushers));
+    if (o.flusher_slice.count() != 0 &&
+        (o.flusher_slice < std::chrono::microseconds(100) || o.flusher_slice > std::chrono::milliseconds(100))) {
+      bad("flusher_slice must be 0 or in [100000ns, 100000000ns], got " + ns(o.flusher_slice));
+    }
     if (o.drain_timeout < o.drain_timeout.zero()) bad("drain_timeout must be >= 0, got " + ns(o.drain_timeout));
     if (o.retry.base <= o.retry.base.zero()) bad("retry.base must be > 0, got " + ns(o.retry.base));
     if (o.retry.max < o.retry.base) {
