@@ -363,7 +363,7 @@ class deadline_heap {
   /// larger array (always correct).
   void shrink_for(std::size_t needed) noexcept {
     const std::size_t floor = std::max(retain_, needed);
-    if (heap_.capacity() <= 4 * floor) return;
+    if (heap_.capacity() <= 4 * floor) [[likely]] return;
     try {
       std::vector<entry> fresh;
       fresh.reserve(std::max(retain_, 2 * needed));
