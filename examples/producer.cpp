@@ -200,11 +200,8 @@ int main(int argc, char** argv) {
   o.max_in_flight_per_destination = s.max_in_flight;
   o.retry_backoff = {10ms, 1s, 2.0, sluice::jitter_mode::equal, std::nullopt};
   o.gapless = s.gapless;
-  pipeline pipe(
-      o, [&](int p) { return std::optional<int>(leaders[static_cast<std::size_t>(p)].load(std::memory_order_relaxed)); },
-      [&](pipeline::request&& r) { brokers[static_cast<std::size_t>(r.destination())]->submit(std::move(r)); },
-      [](const record&) { return std::size_t{100}; });
-
+  // The delivery callback: one for the whole pipeline (the fast path; it runs once per record).
+  // send(partition, record, callback) also takes a callback of its own per record.
   auto on_delivery = [&](const record& r, const sluice::delivery_report& d) {
     reported[r.id].fetch_add(1, std::memory_order_relaxed);
     if (!d) return;
@@ -214,6 +211,10 @@ int main(int argc, char** argv) {
     if (static_cast<std::int64_t>(r.seq) <= l.load(std::memory_order_relaxed)) order_violations.fetch_add(1);
     l.store(r.seq, std::memory_order_relaxed);
   };
+  pipeline pipe(
+      o, [&](int p) { return std::optional<int>(leaders[static_cast<std::size_t>(p)].load(std::memory_order_relaxed)); },
+      [&](pipeline::request&& r) { brokers[static_cast<std::size_t>(r.destination())]->submit(std::move(r)); },
+      [](const record&) { return std::size_t{100}; }, on_delivery);
 
   std::atomic<int> producers_done{0};
   std::vector<std::thread> producers;
@@ -226,7 +227,7 @@ int main(int argc, char** argv) {
       for (std::uint32_t id = first; id < last; ++id) {
         const auto p = static_cast<std::uint32_t>(rng() % static_cast<std::uint64_t>(s.partitions));
         record r{id, p, next[p]++, static_cast<std::uint16_t>(t), {}};
-        if (pipe.send(static_cast<int>(p), std::move(r), on_delivery) != pipeline::send_status::ok) std::abort();
+        if (pipe.send(static_cast<int>(p), std::move(r)) != pipeline::send_status::ok) std::abort();
       }
       producers_done.fetch_add(1);
     });

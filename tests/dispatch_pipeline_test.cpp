@@ -639,3 +639,49 @@ TEST_CASE("dispatch_pipeline: huge request_timeout and linger are validated with
   CHECK_THROWS_AS(pipe_t(o, [](int) { return std::optional<int>(0); }, [](request&&) {}, [](const int&) { return std::size_t{4}; }),
                   std::invalid_argument);
 }
+
+TEST_CASE("dispatch_pipeline: every send form without a callback reports to on_delivery; with one, to it") {
+  fixture f;
+  std::stop_source stop;
+  std::atomic<int> own{0};
+  auto mine = [&](const int&, const delivery_report& r) { own += bool(r); };
+  REQUIRE(f.pipe.send(1, 0) == pipe_t::send_status::ok);
+  REQUIRE(f.pipe.send(1, 1, stop.get_token()) == pipe_t::send_status::ok);
+  REQUIRE(f.pipe.try_send(1, 2) == pipe_t::send_status::ok);
+  REQUIRE(f.pipe.try_send_for(1, 3, 1s) == pipe_t::send_status::ok);
+  REQUIRE(f.pipe.try_send_until(1, 4, f.clock.now() + 1s) == pipe_t::send_status::ok);
+  REQUIRE(f.pipe.send(2, 100, mine) == pipe_t::send_status::ok);
+  REQUIRE(f.pipe.send(2, 101, mine, stop.get_token()) == pipe_t::send_status::ok);
+  REQUIRE(f.pipe.try_send(2, 102, mine) == pipe_t::send_status::ok);
+  REQUIRE(f.pipe.try_send_for(2, 103, mine, 1s) == pipe_t::send_status::ok);
+  REQUIRE(f.pipe.try_send_until(2, 104, mine, f.clock.now() + 1s) == pipe_t::send_status::ok);
+  REQUIRE(f.pipe.send(2, 105, sluice::dispatch_pipeline<int, int, int, manual_clock>::delivery_callback{}) ==
+          pipe_t::send_status::ok);  // an empty callback: the pipeline-wide one
+  REQUIRE(f.run_until([&] { return f.rep.count() == 6 && own.load() == 5; }));
+  CHECK(f.rep.exactly_once(6));
+  for (int v : {0, 1, 2, 3, 4, 105}) CHECK(f.rep.of(v).has_value());
+  CHECK(own.load() == 5);
+  CHECK(f.pipe.metrics().delivered == 11);
+}
+
+TEST_CASE("dispatch_pipeline: a send refused for buffer memory never runs its callback") {
+  auto o = opts();
+  o.accumulator.buffer_bytes = 8;  // two 4-byte records, in one open batch until the linger
+  fixture f(o);
+  f.sink.decide = [](request&) -> std::optional<send_result> { return std::nullopt; };  // hold: memory stays used
+  REQUIRE(f.pipe.send(1, 0) == pipe_t::send_status::ok);
+  REQUIRE(f.pipe.send(1, 1) == pipe_t::send_status::ok);
+  std::atomic<int> calls{0};
+  auto cb = [&calls](const int&, const delivery_report&) { ++calls; };
+  CHECK(f.pipe.try_send(1, 2, cb) == pipe_t::send_status::full);
+  CHECK(f.pipe.try_send(1, 2) == pipe_t::send_status::full);
+  CHECK(f.pipe.try_send_for(1, 2, cb, 0ms) == pipe_t::send_status::timeout);
+  CHECK(f.pipe.try_send_until(1, 2, f.clock.now()) == pipe_t::send_status::timeout);
+  REQUIRE(f.run_until([&] {
+    f.sink.complete_all(send_result::ok);
+    return f.rep.count() == 2;
+  }));
+  CHECK(f.rep.exactly_once(2));
+  CHECK(calls.load() == 0);
+  CHECK(f.pipe.metrics().accepted == 2);
+}

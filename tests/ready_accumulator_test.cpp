@@ -767,3 +767,21 @@ TEST_CASE("ready_accumulator: a throwing destination_of reads as unknown and los
   CHECK(acc.stats().delivered == 1);
   CHECK(acc.audit().clean());
 }
+
+TEST_CASE("ready_accumulator: drain reports whether the destination has more ready partitions") {
+  fixture f;
+  for (int p : {1, 4, 7, 10}) f.seal_one(p);  // four partitions of destination 1, 100 bytes each
+  CHECK(f.dests() == std::vector<int>{1});
+  std::vector<handle> out;
+  bool more = false;
+  CHECK(f.acc.drain(1, 250, out, true, more) == 2);  // the size limit stops it: two are left
+  CHECK(more);
+  CHECK(f.acc.drain(1, 250, out, true, more) == 2);
+  CHECK_FALSE(more);  // nothing left: a sender need not call again
+  CHECK(f.acc.drain(1, 250, out, true, more) == 0);
+  CHECK_FALSE(more);
+  CHECK(f.acc.drain(2, 250, out, true, more) == 0);  // a destination never seen
+  CHECK_FALSE(more);
+  f.complete(out);
+  CHECK(f.acc.audit().clean());
+}
