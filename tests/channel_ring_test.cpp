@@ -271,3 +271,41 @@ TEST_CASE("channel_ring: a long random run matches a FIFO model, lap after lap")
   }
   CHECK(counted::live == 0);
 }
+
+// looks_free(k) is the consumer's hint "at least k slots are free" (channel_waiter::freed() wakes a
+// parked producer on it): exact while every claimed position is published, over several laps.
+TEST_CASE("channel_ring: looks_free(k) tells whether k slots are free, across laps") {
+  for (std::size_t cap : capacities) {
+    INFO("capacity " << cap);
+    channel_ring<int> ring(cap, false);
+    int value = 0;
+    std::size_t size = 0;
+    auto check = [&] {
+      // Every k for small rings; around the boundary (cap - size) and a few fixed points for big ones.
+      const std::size_t edge = cap - size;
+      for (std::size_t k = 1; k <= cap; ++k) {
+        if (cap > 64 && k > 2 && k != cap / 4 && k != cap / 2 && k != cap && k + 1 != edge && k != edge &&
+            k != edge + 1) {
+          continue;
+        }
+        INFO("size " << size << ", k " << k);
+        REQUIRE(ring.looks_free(k) == (edge >= k));
+      }
+    };
+    for (int lap = 0; lap < 3; ++lap) {
+      check();
+      while (size < cap) {  // fill one at a time
+        REQUIRE(put(ring, 1, value) == 1);
+        ++size;
+        check();
+      }
+      // Drain in steps of up to 3, so that the head stops at every index on some lap.
+      while (size > 0) {
+        const std::size_t n = ring.read(std::min<std::size_t>(3, size), [](int&&) noexcept {});
+        REQUIRE(n > 0);
+        size -= n;
+        check();
+      }
+    }
+  }
+}
