@@ -154,7 +154,7 @@ TEST_CASE("backoff: 1M distinct failing keys forgotten leave no state and give m
 }
 
 TEST_CASE("backoff: concurrent failures and forgets balance") {
-  for (int threads : {1, 2, 4, 8}) {
+  for (int threads : sluice_test::thread_counts<>) {
     INFO("threads " << threads);
     backoff<int> b({.base = 1ms, .max = 1s, .max_retries = 1000});
     const int per = static_cast<int>(sluice_test::scaled(20'000));

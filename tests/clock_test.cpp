@@ -152,7 +152,7 @@ TEST_CASE("clock: stop_token interrupts block_on_clock on either clock") {
 }
 
 TEST_CASE("clock: waiters() counts parked threads and advance empties it until they come back") {
-  for (int threads : {1, 2, 4, 8}) {
+  for (int threads : sluice_test::thread_counts<>) {
     manual_clock clock;
     event_count ec;
     std::atomic<int> rounds{0};

@@ -25,8 +25,9 @@ TEST_CASE("event_count: a parked waiter is woken by notify_one after the conditi
     const auto outcome = block_until(ec, [&] { return flag.load(); }, std::nullopt, nullptr);
     woke = outcome == wait_outcome::ready;
   });
-  // Wait until the waiter is parked (registered), without sleeping on a deadline.
-  while (!ec.has_waiters()) std::this_thread::yield();
+  // Wait until the waiter is parked (registered), without sleeping on a deadline. If it never
+  // registers, the check fails and the test goes on (the waiter then sees the flag by itself).
+  CHECK(sluice_test::eventually([&] { return ec.has_waiters(); }));
   flag = true;
   ec.notify_one();
   waiter.join();
@@ -35,7 +36,7 @@ TEST_CASE("event_count: a parked waiter is woken by notify_one after the conditi
 }
 
 TEST_CASE("event_count: notify_all wakes every waiter") {
-  for (int threads : {1, 2, 4, 8}) {
+  for (int threads : sluice_test::thread_counts<>) {
     event_count ec;
     std::atomic<bool> flag{false};
     std::atomic<int> woke{0};
@@ -70,7 +71,7 @@ TEST_CASE("event_count: a stop request wakes a parked waiter with cancelled") {
     const auto token = source.get_token();
     outcome = static_cast<int>(block_until(ec, [] { return false; }, std::nullopt, &token));
   });
-  while (!ec.has_waiters()) std::this_thread::yield();
+  CHECK(sluice_test::eventually([&] { return ec.has_waiters(); }));  // parked (else: stopped before parking)
   source.request_stop();
   waiter.join();
   CHECK(outcome == static_cast<int>(wait_outcome::cancelled));

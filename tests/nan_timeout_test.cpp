@@ -21,7 +21,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <future>
 #include <latch>
 #include <limits>
 #include <semaphore>
@@ -43,19 +42,8 @@ const std::chrono::duration<long double, std::micro> nan_us_l{std::numeric_limit
 using nan_tp_type = std::chrono::time_point<std::chrono::system_clock, dsec>;
 const nan_tp_type nan_tp{nan_s};
 
-// Runs `f` on a thread; if it has not returned after `bound` (real time), calls `unblock` so the
-// test fails instead of hanging. Returns whether f returned on its own within the bound.
-template <class F, class U>
-bool returns_within(std::chrono::seconds bound, F&& f, U&& unblock) {
-  auto done = std::async(std::launch::async, std::forward<F>(f));
-  if (done.wait_for(bound) == std::future_status::ready) {
-    done.get();
-    return true;
-  }
-  unblock();
-  done.get();
-  return false;
-}
+// The watchdog for calls that might block forever (test_support.hpp).
+using sluice_test::returns_within;
 }  // namespace
 
 TEST_CASE("nan timeouts: saturating_add treats NaN as zero and saturates infinities") {
@@ -203,9 +191,7 @@ TEST_CASE("nan timeouts: write_behind try_enqueue_for / flush_for poll once") {
       clock);
   CHECK(wb.flush_for(nan_s));  // nothing pending: done at once
   REQUIRE(wb.try_enqueue_for(1, nan_s) == sluice::write_behind_status::ok);  // room: accepted
-  const auto give_up = std::chrono::steady_clock::now() + 10s;
-  while (!in_sink && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
-  REQUIRE(in_sink);
+  REQUIRE(sluice_test::eventually([&] { return in_sink.load(); }, 10s));
   int next = 2;
   while (next < 100 && wb.try_enqueue(next) == sluice::write_behind_status::ok) ++next;  // fill the intake
   REQUIRE(next < 100);

@@ -248,7 +248,7 @@ TEST_CASE("requeue_queue: a waiting pop wakes when an earlier deadline is schedu
 }
 
 TEST_CASE("requeue_queue: close wakes every blocked consumer and take_all returns what is pending") {
-  for (int consumers : {1, 2, 4, 8}) {
+  for (int consumers : sluice_test::thread_counts<>) {
     INFO("consumers " << consumers);
     manual_clock clock;
     mqueue q(clock);
@@ -344,7 +344,7 @@ TEST_CASE("requeue_queue: pop_due takes every due entry up to max, in order") {
 }
 
 TEST_CASE("requeue_queue: several consumers share deadlines and each entry is popped once") {
-  for (int consumers : {1, 2, 4, 8}) {
+  for (int consumers : sluice_test::thread_counts<>) {
     INFO("consumers " << consumers);
     manual_clock clock;
     sluice::requeue_queue<int, int, manual_clock> q(clock);

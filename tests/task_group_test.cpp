@@ -119,7 +119,7 @@ TEST_CASE("task_group: seed leak scenario - 1M spawns, max_parallel 10, never mo
 TEST_CASE("task_group: every exception from every failing task is reported and the others run") {
   const auto seed = sluice_test::seed();
   INFO("seed " << seed);
-  for (std::size_t max_parallel : {1u, 2u, 4u, 8u}) {
+  for (std::size_t max_parallel : sluice_test::thread_counts<std::size_t>) {
     INFO("max_parallel " << max_parallel);
     task_group group(max_parallel);
     const int tasks = static_cast<int>(sluice_test::scaled(3000));
