@@ -803,3 +803,36 @@ TEST_CASE("channel: drop_write keeps the queued items and drops the one being se
   CHECK(ch.receive() == 2);
   CHECK(ch.full_mode() == channel_full_mode::drop_write);
 }
+
+// One producer polls for space at a time and the others park; the consumer wakes a parked one when
+// nobody takes the space, and in any case once per 16 laps of the ring, so a producer that keeps
+// the channel full cannot starve a parked one. Here one producer sends without pause; the other
+// must still get all its items through while the hog keeps sending.
+TEST_CASE("channel: a producer that keeps the channel full does not starve another") {
+  for (std::size_t cap : {1u, 8u, 64u}) {
+    INFO("capacity " << cap);
+    channel<int> ch(cap);
+    std::atomic<bool> stop_hog{false};
+    std::jthread hog([&] {
+      while (!stop_hog.load() && ch.send(1) == channel_status::ok) {
+      }
+    });
+    REQUIRE(sluice_test::eventually([&] { return ch.size() == ch.capacity(); }));
+    constexpr int wanted = 100;
+    std::jthread other([&] {
+      for (int i = 0; i < wanted; ++i) {
+        if (ch.send(2) != channel_status::ok) return;
+      }
+    });
+    int got = 0;
+    const auto give_up = std::chrono::steady_clock::now() + 20s;  // a watchdog, not a deadline
+    while (got < wanted && std::chrono::steady_clock::now() < give_up) {
+      if (auto v = ch.try_receive_for(10ms); v && *v == 2) ++got;
+    }
+    stop_hog = true;
+    ch.close();  // whatever is still blocked returns closed
+    hog.join();
+    other.join();
+    CHECK(got == wanted);
+  }
+}
