@@ -1308,7 +1308,6 @@ struct counting_clock {
   using rep = manual_clock::rep;
   using period = manual_clock::period;
   using time_point = manual_clock::time_point;
-  static constexpr bool is_steady = true;
 
   manual_clock inner;
   std::shared_ptr<std::atomic<int>> timed = std::make_shared<std::atomic<int>>(0);
