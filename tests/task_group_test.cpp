@@ -66,12 +66,8 @@ struct move_only_task {
 }  // namespace
 
 TEST_CASE("task_group: max_parallel 0 is rejected with the parameter and value") {
-  try {
-    task_group g(0);
-    FAIL("no exception");
-  } catch (const std::invalid_argument& e) {
-    CHECK(std::string(e.what()) == "sluice::task_group: max_parallel must be >= 1, got 0");
-  }
+  CHECK_THROWS_MATCHES(task_group(0), std::invalid_argument,
+                       Catch::Message("sluice::task_group: max_parallel must be >= 1, got 0"));
 }
 
 TEST_CASE("task_group: seed leak scenario - 1M spawns, max_parallel 10, never more than 10 alive, memory flat") {
