@@ -1,0 +1,1336 @@
+// sluice/detail/reconcile_core.hpp — the implementation of sluice::reconcile_pipeline (not public
+// API: include <sluice/reconcile_pipeline.hpp>, which documents the guarantees). One keyed state
+// machine under one lock: per-key nodes in a slab (detail/reconcile_table.hpp), ready keys in one
+// intrusive FIFO per priority, scheduled ones in a deadline heap, workers that finish a run and pick
+// the next in one critical section, a timer keeper among the parked workers, and a watchdog thread
+// for reconcile_timeout. reconcile_pipeline derives from reconcile_core privately and re-exports
+// its public members.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <stdexcept>
+#include <stop_token>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../backoff.hpp"
+#include "../clock.hpp"
+#include "event_count.hpp"
+#include "reconcile_histogram.hpp"
+#include "reconcile_spin.hpp"
+#include "reconcile_types.hpp"
+#include "reconcile_table.hpp"
+#include "../key.hpp"
+
+namespace sluice::detail {
+
+template <class Entity, class KeyFn, clock_source Clock, class Hash, class KeyEqual>
+  requires hashable_key<pipeline_key_t<KeyFn, Entity>, Hash, KeyEqual>
+class reconcile_core {
+  static_assert(std::is_nothrow_move_constructible_v<Entity>,
+                "sluice::reconcile_pipeline: Entity must be nothrow move-constructible");
+
+ public:
+  using key_type = detail::pipeline_key_t<KeyFn, Entity>;
+  using entity_type = Entity;
+  using clock_type = Clock;
+  using time_point = typename Clock::time_point;
+  using options = reconcile_options<key_type, Entity>;
+  using context = reconcile_context<key_type>;
+  using reconcile_fn = std::function<reconcile_result(const Entity&, const context&)>;
+
+  /// Starts max_parallel workers (and a watchdog thread when reconcile_timeout is set). Bad
+  /// options throw std::invalid_argument naming the field and value.
+  template <class F>
+  reconcile_core(options opts, F&& reconcile, Clock clock = Clock{}, KeyFn key_fn = KeyFn{},
+                 Hash hash = Hash{}, KeyEqual eq = KeyEqual{})
+      : opts_(std::move(opts)),
+        clock_(std::move(clock)),
+        key_fn_(std::move(key_fn)),
+        hash_(std::move(hash)),
+        eq_(std::move(eq)),
+        fn_(adapt(std::forward<F>(reconcile))),
+        rng_(opts_.jitter_seed != 0 ? opts_.jitter_seed : std::random_device{}()) {
+    validate();
+    space_threshold_ = opts_.capacity - std::max<std::size_t>(1, opts_.capacity / 4);
+    slab_.set_retained(opts_.capacity);
+    index_.set_retained(opts_.capacity);
+    heap_.set_retained(opts_.capacity);
+    levels_.resize(static_cast<std::size_t>(opts_.priority_levels));
+    workers_.resize(opts_.max_parallel);
+    stop_scratch_.resize(opts_.max_parallel, std::stop_source(std::nostopstate));
+    watchdog_scratch_.resize(opts_.max_parallel, std::stop_source(std::nostopstate));
+    try {
+      threads_.reserve(opts_.max_parallel);
+      for (std::size_t w = 0; w < opts_.max_parallel; ++w) threads_.emplace_back([this, w] { worker_main(w); });
+      if (opts_.reconcile_timeout) watchdog_ = std::jthread([this] { watchdog_main(); });
+    } catch (...) {
+      {
+        std::lock_guard lk(mu_);
+        closed_ = stopping_ = finalizing_ = finalized_ = true;
+      }
+      wake_everyone();
+      threads_.clear();
+      throw;
+    }
+  }
+
+  reconcile_core(const reconcile_core&) = delete;
+  reconcile_core& operator=(const reconcile_core&) = delete;
+
+  /// stop(), then joins the workers. Must not run on one of the pipeline's own threads.
+  ~reconcile_core() {
+    stop();
+    threads_.clear();
+    if (watchdog_.joinable()) watchdog_.join();
+  }
+
+  // ---- intake --------------------------------------------------------------------------------
+  // Every form leaves `e` untouched unless it returns ok. Thread-safe. May block (not the try_
+  // forms). May allocate (a new key's state). Exceptions from KeyFn, Hash or KeyEqual propagate,
+  // with nothing changed.
+  // From inside a reconcile (or another callback of this pipeline) use the try_ forms only: a
+  // blocking submit there waits for intake room that only the workers free (and with
+  // conflict_strategy::wait, for another key whose reconcile may be submitting back to this one),
+  // so it can stall every worker until stop() (review r1 F10; not detected).
+
+  [[nodiscard]] submit_status submit(Entity&& e, const submit_options& so = {}) {
+    return submit_impl(e, so, std::nullopt, nullptr, false);
+  }
+  [[nodiscard]] submit_status submit(Entity&& e, std::stop_token stop, const submit_options& so = {}) {
+    return submit_impl(e, so, std::nullopt, &stop, false);
+  }
+  [[nodiscard]] submit_status try_submit(Entity&& e, const submit_options& so = {}) {
+    return submit_impl(e, so, std::nullopt, nullptr, true);
+  }
+  template <class Rep, class Period>
+  [[nodiscard]] submit_status try_submit_for(Entity&& e, const std::chrono::duration<Rep, Period>& d,
+                                             const submit_options& so = {}) {
+    return submit_impl(e, so, detail::add_ns(clock_.now(), detail::clamp_ns(d)), nullptr, false);
+  }
+  [[nodiscard]] submit_status try_submit_until(Entity&& e, time_point deadline, const submit_options& so = {}) {
+    return submit_impl(e, so, deadline, nullptr, false);
+  }
+
+  /// Removes `key`'s pending version (queued, scheduled or waiting; counted cancelled) and forgets
+  /// its backoff. If the key is running and `stop_running`, requests its stop token, and that
+  /// run's outcome is not retried or requeued (a done() still counts as succeeded). Thread-safe.
+  cancel_result cancel(const key_type& key, bool stop_running = true) {
+    const std::uint32_t h = detail::mix_hash(hash_(key));
+    std::unique_lock lk(mu_);
+    const std::uint32_t id = find_locked(h, key);
+    cancel_result out;
+    if (id == detail::no_node) return out;
+    node& n = slab_[id];
+    if (n.pend != pend_none) {
+      unlink_pending_locked(id, n);
+      n.entity.reset();
+      ++m_.cancelled;
+      out.removed_pending = true;
+    }
+    n.failures = 0;
+    std::stop_source to_stop(std::nostopstate);
+    if (n.running) {
+      if (stop_running) {
+        n.cancel_run = true;
+        to_stop = take_worker_stop_locked(workers_[n.worker]);
+        out.stop_requested = true;
+      }
+    } else {
+      free_node_locked(id, n);
+    }
+    const bool notify_idle = idle_waiters_ > 0;
+    const bool notify_space = submit_waiters_ > 0;
+    lk.unlock();
+    // After unlocking (review r1 F11): request_stop() runs the user's std::stop_callbacks on this
+    // thread, and they may call back into the pipeline.
+    to_stop.request_stop();
+    if (notify_idle) idle_ec_.notify_all();
+    if (notify_space) submit_ec_.notify_all();
+    return out;
+  }
+
+  // ---- shutdown ------------------------------------------------------------------------------
+
+  /// Closes intake, requests stop on running reconciles, waits for them, then reports every
+  /// pending version to on_unprocessed. Idempotent; thread-safe; from inside a callback it begins
+  /// the shutdown and returns at once (the last running worker finishes it).
+  void stop() {
+    std::unique_lock lk(mu_);
+    const bool first = begin_stop_locked();
+    lk.unlock();
+    if (first) fire_stops(stop_scratch_);  // outside the lock: user stop_callbacks run here (r1 F11)
+    wake_everyone();
+    if (tl_self_ == this) return;
+    lk.lock();
+    while (running_ > 0 || delivering_ > 0) park_locked(lk, idle_ec_, idle_waiters_, std::nullopt);
+    finalize_locked(lk);
+    while (!finalized_ || delivering_ > 0) park_locked(lk, idle_ec_, idle_waiters_, std::nullopt);
+  }
+
+  /// Closes intake, runs everything accepted (including requeues and retries falling due before
+  /// `deadline`), then stop()s. Returns true if nothing was left to report. From inside a callback
+  /// it only closes intake and returns false.
+  bool drain_until(time_point deadline) {
+    std::unique_lock lk(mu_);
+    closed_ = true;
+    if (tl_self_ == this) return false;
+    for (;;) {
+      if (stopping_ || fault_) break;
+      const bool runnable_done = queued_ == 0 && running_ == 0 && waiting_ == 0 && delivering_ == 0;
+      if (runnable_done && (heap_.empty() || heap_.top().deadline > deadline)) break;
+      if (clock_.now() >= deadline) break;
+      park_locked(lk, idle_ec_, idle_waiters_, deadline);
+    }
+    const bool complete = slab_.live() == 0 && !fault_;
+    lk.unlock();
+    stop();
+    return complete;
+  }
+  template <class Rep, class Period>
+  bool drain_for(const std::chrono::duration<Rep, Period>& d) {
+    return drain_until(detail::add_ns(clock_.now(), detail::clamp_ns(d)));
+  }
+
+  /// Blocks until the pipeline has stopped (stop(), drain() or destructor) or faulted; rethrows
+  /// the fault. Thread-safe.
+  void wait() {
+    std::unique_lock lk(mu_);
+    while ((!finalized_ || delivering_ > 0) && !fault_) park_locked(lk, idle_ec_, idle_waiters_, std::nullopt);
+    if (fault_) std::rethrow_exception(fault_);
+  }
+
+  /// Blocks until no key has any state (nothing queued, scheduled, waiting or running), or the
+  /// pipeline stopped or faulted (rethrown). Thread-safe.
+  void wait_idle() { (void)wait_idle_impl(std::nullopt); }
+  template <class Rep, class Period>
+  [[nodiscard]] bool wait_idle_for(const std::chrono::duration<Rep, Period>& d) {
+    return wait_idle_impl(detail::add_ns(clock_.now(), detail::clamp_ns(d)));
+  }
+  [[nodiscard]] bool wait_idle_until(time_point deadline) { return wait_idle_impl(deadline); }
+
+  // ---- observation ---------------------------------------------------------------------------
+
+  /// One consistent snapshot. Thread-safe. Copies two 2 KiB histograms.
+  [[nodiscard]] reconcile_metrics metrics() const {
+    std::unique_lock lk(mu_);
+    reconcile_metrics m = m_;
+    for (const worker_state& ws : workers_) {
+      m.queue_latency.merge(ws.queue_latency);
+      m.reconcile_duration.merge(ws.reconcile_duration);
+    }
+    m.queued = queued_;
+    m.scheduled = heap_.size();
+    m.waiting = waiting_;
+    m.in_flight = running_;
+    m.keys = slab_.live();
+    m.max_parallel = opts_.max_parallel;
+    m.faulted = static_cast<bool>(fault_);
+    m.stopped = finalized_;
+    std::int64_t now = 0;
+    try {
+      now = stamp_now();
+    } catch (...) {  // a broken clock (the pipeline is faulted): ages read as zero
+      return m;
+    }
+    for (const level& l : levels_) {
+      if (l.head != detail::no_node) m.oldest_queued_age = std::max(m.oldest_queued_age, since(slab_[l.head].ready_at, now));
+    }
+    for (const worker_state& ws : workers_) {
+      if (ws.node != detail::no_node) m.longest_running = std::max(m.longest_running, since(ws.started_stamp, now));
+    }
+    return m;
+  }
+
+  /// Sizes of the internal tables (for tests of the "returns to empty" guarantee).
+  struct table_sizes {
+    std::size_t keys, slab_capacity, index_entries, index_buckets, heap_entries, heap_capacity, queued, waiting;
+    std::uint64_t relocated;  ///< idle key states moved down so that a sparse slab chunk could be freed
+  };
+  [[nodiscard]] table_sizes internal_sizes() const {
+    std::lock_guard lk(mu_);
+    return table_sizes{slab_.live(), slab_.capacity(), index_.size(), index_.bucket_count(), heap_.size(),
+                       heap_.capacity(), queued_, waiting_, relocated_};
+  }
+
+  [[nodiscard]] std::size_t max_parallel() const noexcept { return opts_.max_parallel; }
+  [[nodiscard]] std::size_t capacity() const noexcept { return opts_.capacity; }
+  [[nodiscard]] bool is_closed() const {
+    std::lock_guard lk(mu_);
+    return closed_;
+  }
+
+ private:
+  enum : std::uint8_t { pend_none, pend_queued, pend_scheduled, pend_waiting };
+
+  struct node {
+    std::optional<key_type> key;
+    std::optional<Entity> entity;  // the pending version (the running one is on its worker's stack)
+    std::int64_t ready_at = 0;     // stamp (see stamp_now) when it became ready
+    time_point deadline{};
+    std::uint32_t hash = 0;
+    std::uint32_t next = detail::no_node;  // FIFO link, or free list
+    std::uint32_t prev = detail::no_node;
+    std::uint32_t heap_pos = detail::no_node;
+    std::uint32_t failures = 0;
+    std::uint32_t worker = 0;
+    std::uint8_t pend = pend_none;
+    std::uint8_t priority = 0;
+    reconcile_reason reason = reconcile_reason::updated;
+    bool running = false;
+    bool cancel_run = false;
+  };
+
+  struct level {
+    std::uint32_t head = detail::no_node;
+    std::uint32_t tail = detail::no_node;
+    std::size_t size = 0;
+    std::uint32_t skipped = 0;
+  };
+
+  // One cache line or more per worker: a worker's run bookkeeping and its histograms are written
+  // by that worker alone (under the lock), so they do not bounce between the workers' cores.
+  struct alignas(64) worker_state {
+    // Each worker records its runs into its own histograms; metrics() merges them. Shared ones
+    // moved four cache lines between cores with every reconcile (a sixth of a worker's time).
+    reconcile_histogram queue_latency;
+    reconcile_histogram reconcile_duration;
+    std::uint32_t node = detail::no_node;
+    std::int64_t started_stamp = 0;
+    time_point started{};  // on the Clock; read only when reconcile_timeout is set
+    std::stop_source stop;
+    std::stop_token token = stop.get_token();  // handed to each run by reference: no refcount traffic
+    time_point parked_until = time_point::max();  // while parked: the deadline it will wake at
+    bool stop_used = false;
+    bool timed_out = false;
+    reconcile_reason reason = reconcile_reason::updated;
+  };
+
+  template <class F>
+  static reconcile_fn adapt(F&& f) {
+    using G = std::decay_t<F>;
+    if constexpr (std::is_invocable_r_v<reconcile_result, G&, const Entity&, const context&>) {
+      return reconcile_fn(std::forward<F>(f));
+    } else {
+      static_assert(std::is_invocable_r_v<reconcile_result, G&, const Entity&, std::stop_token>,
+                    "sluice::reconcile_pipeline: the reconcile callback must be callable as "
+                    "(const Entity&, const reconcile_context<Key>&) or (const Entity&, std::stop_token) "
+                    "and return sluice::reconcile_result");
+      return reconcile_fn([g = G(std::forward<F>(f))](const Entity& e, const context& c) mutable {
+        return g(e, c.stop);
+      });
+    }
+  }
+
+  // Histograms and ages are measured with cheap stamps: the CPU's time-stamp counter when the Clock
+  // is sluice::steady_clock on x86 (a fraction of the cost of clock_gettime on a VM, and reconciles
+  // are counted in the millions per second), else the Clock itself in nanoseconds. Deadlines always
+  // use the Clock.
+  static constexpr bool use_tsc = SLUICE_DETAIL_PIPELINE_TSC && std::is_same_v<Clock, steady_clock>;
+  std::int64_t stamp_now() const {
+#if SLUICE_DETAIL_PIPELINE_TSC
+    if constexpr (use_tsc) return static_cast<std::int64_t>(__rdtsc());
+#endif
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(clock_.now().time_since_epoch()).count();
+  }
+  std::chrono::nanoseconds since(std::int64_t then, std::int64_t now) const noexcept {
+    if (now <= then) return std::chrono::nanoseconds(0);
+    if constexpr (use_tsc) {
+      return std::chrono::nanoseconds(static_cast<std::int64_t>(static_cast<double>(now - then) * ns_per_tick_));
+    }
+    return std::chrono::nanoseconds(now - then);
+  }
+
+  void validate() const {
+    const std::string who = "sluice::reconcile_pipeline: ";
+    if (opts_.max_parallel < 1 || opts_.max_parallel > 65535) {
+      throw std::invalid_argument(who + "max_parallel must be in [1, 65535], got " + std::to_string(opts_.max_parallel));
+    }
+    if (opts_.capacity < 1) throw std::invalid_argument(who + "capacity must be >= 1, got 0");
+    if (opts_.priority_levels < 1 || opts_.priority_levels > 255) {
+      throw std::invalid_argument(who + "priority_levels must be in [1, 255], got " + std::to_string(opts_.priority_levels));
+    }
+    if (opts_.starvation_limit < 1) throw std::invalid_argument(who + "starvation_limit must be >= 1, got 0");
+    if (opts_.conflict_delay < std::chrono::nanoseconds::zero() ||
+        (opts_.on_conflict == conflict_strategy::requeue_after && opts_.conflict_delay == std::chrono::nanoseconds::zero())) {
+      throw std::invalid_argument(who + "conflict_delay must be > 0, got " + std::to_string(opts_.conflict_delay.count()) + "ns");
+    }
+    if (opts_.reconcile_timeout && *opts_.reconcile_timeout <= std::chrono::nanoseconds::zero()) {
+      throw std::invalid_argument(who + "reconcile_timeout must be > 0, got " +
+                                  std::to_string(opts_.reconcile_timeout->count()) + "ns");
+    }
+    const backoff_options& b = opts_.backoff;
+    if (b.base <= std::chrono::nanoseconds::zero()) {
+      throw std::invalid_argument(who + "backoff.base must be > 0, got " + std::to_string(b.base.count()) + "ns");
+    }
+    if (b.max < b.base) {
+      throw std::invalid_argument(who + "backoff.max must be >= backoff.base, got " + std::to_string(b.max.count()) + "ns");
+    }
+    if (!(b.multiplier >= 1.0) || !std::isfinite(b.multiplier)) {
+      throw std::invalid_argument(who + "backoff.multiplier must be finite and >= 1, got " + std::to_string(b.multiplier));
+    }
+  }
+
+  // ---- state helpers (all under mu_) ---------------------------------------------------------
+
+  std::uint32_t find_locked(std::uint32_t h, const key_type& key) const {
+    return index_.find(h, [&](std::uint32_t id) { return static_cast<bool>(eq_(*slab_[id].key, key)); });
+  }
+
+  void push_queued_locked(std::uint32_t id, node& n) noexcept {
+    level& l = levels_[n.priority];
+    n.pend = pend_queued;
+    n.next = detail::no_node;
+    n.prev = l.tail;
+    if (l.tail != detail::no_node) slab_[l.tail].next = id; else l.head = id;
+    l.tail = id;
+    ++l.size;
+    ++queued_;
+  }
+
+  void unlink_queued_locked(std::uint32_t id, node& n) noexcept {
+    level& l = levels_[n.priority];
+    if (n.prev != detail::no_node) slab_[n.prev].next = n.next; else l.head = n.next;
+    if (n.next != detail::no_node) slab_[n.next].prev = n.prev; else l.tail = n.prev;
+    n.prev = n.next = detail::no_node;
+    if (--l.size == 0) l.skipped = 0;
+    --queued_;
+    (void)id;
+  }
+
+  auto pos_fn() noexcept {
+    return [this](std::uint32_t id) -> std::uint32_t& { return slab_[id].heap_pos; };
+  }
+
+  void heap_erase_locked(std::uint32_t at, auto&& pos) noexcept {
+    heap_.erase_at(at, pos);
+    // relaxed: a hint for workers deciding whether to read the Clock (see worker_main).
+    scheduled_hint_.store(heap_.size(), std::memory_order_relaxed);
+  }
+
+  void schedule_locked(std::uint32_t id, node& n, time_point deadline, bool& wake_timer) noexcept {
+    n.pend = pend_scheduled;
+    n.deadline = deadline;
+    heap_.push(deadline, id, pos_fn());
+    scheduled_hint_.store(heap_.size(), std::memory_order_relaxed);  // relaxed: as in heap_erase_locked
+    note_deadline_locked(deadline, wake_timer);
+  }
+
+  void unlink_pending_locked(std::uint32_t id, node& n) noexcept {
+    switch (n.pend) {
+      case pend_queued: unlink_queued_locked(id, n); break;
+      case pend_scheduled: heap_erase_locked(n.heap_pos, pos_fn()); break;
+      case pend_waiting: --waiting_; break;
+      default: break;
+    }
+    n.pend = pend_none;
+  }
+
+  void free_node_locked(std::uint32_t id, node& n) noexcept {
+    index_.erase(n.hash, id);
+    n.key.reset();
+    n.entity.reset();
+    n.failures = 0;
+    n.cancel_run = false;
+    n.heap_pos = detail::no_node;
+    slab_.release(id);
+    if (slab_.live() == 0) {
+      heap_.release();
+    } else {
+      heap_.shrink_for(slab_.live() + 1);  // every live node may be scheduled: push never allocates
+      if (slab_.chunks() > slab_.retained_chunks() + 1) compact_locked();  // cheap test first: hot path
+    }
+  }
+
+  // Memory returns after a burst while keys stay live (review r1 F12): when the slab is mostly
+  // empty, the idle nodes of its highest used chunk move to free slots below, so the chunk empties
+  // and is released. A running node cannot move (its reconcile holds a reference to the key); it
+  // blocks compaction until its run ends. Each step empties a chunk, so the work is bounded by
+  // the chunks given back. Not while finalize_locked walks the slab (it holds the shrink).
+  void compact_locked() noexcept {
+    if constexpr (std::is_nothrow_move_constructible_v<key_type>) {
+      constexpr std::size_t chunk = detail::node_slab<node>::chunk_size;
+      while (compact_blocker_ == detail::no_node && !slab_.held() && slab_.chunks() > 1) {
+        std::size_t top = slab_.chunks() - 1;
+        if (top > 0 && slab_.chunk_live(top) == 0) --top;  // the spare the slab keeps
+        if (top < slab_.retained_chunks() || slab_.live() * 2 > top * chunk) return;
+        const std::size_t chunks_before = slab_.chunks();
+        const auto base = static_cast<std::uint32_t>(top * chunk);
+        for (std::uint32_t id = base; id < base + chunk && slab_.chunk_live(top) != 0; ++id) {
+          node& n = slab_[id];
+          if (!n.key) continue;
+          if (n.running) {
+            compact_blocker_ = id;  // finish_locked resumes once this run ends
+            return;
+          }
+          relocate_locked(id, n);
+          if (slab_.chunks() <= top) break;  // the chunk is gone: stop reading it
+        }
+        if (slab_.chunks() == chunks_before && slab_.chunks() > top && slab_.chunk_live(top) != 0) return;
+      }
+    }
+  }
+
+  // Moves an idle live node to the lowest free slot (below it: compact_locked's condition) and
+  // points every reference at the new id: the index, and its FIFO neighbours or heap entry.
+  void relocate_locked(std::uint32_t from, node& a) noexcept {
+    const std::uint32_t to = slab_.allocate();
+    node& b = slab_[to];
+    b.key.emplace(std::move(*a.key));
+    if (a.entity) b.entity.emplace(std::move(*a.entity));
+    b.ready_at = a.ready_at;
+    b.deadline = a.deadline;
+    b.hash = a.hash;
+    b.next = a.next;
+    b.prev = a.prev;
+    b.heap_pos = a.heap_pos;
+    b.failures = a.failures;
+    b.worker = a.worker;
+    b.pend = a.pend;
+    b.priority = a.priority;
+    b.reason = a.reason;
+    b.running = false;
+    b.cancel_run = a.cancel_run;
+    index_.replace(b.hash, from, to);
+    ++relocated_;
+    if (b.pend == pend_queued) {
+      level& l = levels_[b.priority];
+      if (b.prev != detail::no_node) slab_[b.prev].next = to; else l.head = to;
+      if (b.next != detail::no_node) slab_[b.next].prev = to; else l.tail = to;
+    } else if (b.pend == pend_scheduled) {
+      heap_.set_id(b.heap_pos, to);
+    }
+    a.key.reset();
+    a.entity.reset();
+    a.failures = 0;
+    a.cancel_run = false;
+    a.pend = pend_none;
+    a.heap_pos = a.prev = detail::no_node;
+    slab_.release(from);
+  }
+
+  std::chrono::nanoseconds backoff_delay_locked(std::uint32_t failures) {
+    const backoff_options& b = opts_.backoff;
+    const double base = static_cast<double>(b.base.count());
+    const double cap = static_cast<double>(b.max.count());
+    const double v = base * std::pow(b.multiplier, static_cast<double>(failures == 0 ? 0 : failures - 1));
+    const double d = v < cap ? v : cap;
+    double out = d;
+    if (b.jitter != jitter_mode::none) {
+      const double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng_);
+      out = b.jitter == jitter_mode::full ? d * u : d / 2 + (d / 2) * u;
+    }
+    // Never convert a double at or above the cap (2^63 for nanoseconds::max(), which is out of
+    // int64's range: UB, and INT64_MIN on x86, i.e. an immediate retry; review r1 F7).
+    if (!(out > 0)) return std::chrono::nanoseconds(0);
+    if (out >= cap) return b.max;
+    return std::chrono::nanoseconds(static_cast<std::int64_t>(out));
+  }
+
+  // ---- intake --------------------------------------------------------------------------------
+
+  submit_status submit_impl(Entity& e, const submit_options& so, const std::optional<time_point>& deadline,
+                            const std::stop_token* stop, bool try_only) {
+    if (so.priority < 0 || so.priority >= opts_.priority_levels) {
+      throw std::invalid_argument("sluice::reconcile_pipeline: priority must be in [0, " +
+                                  std::to_string(opts_.priority_levels - 1) + "], got " + std::to_string(so.priority));
+    }
+    if (so.reason != reconcile_reason::created && so.reason != reconcile_reason::updated) {
+      throw std::invalid_argument("sluice::reconcile_pipeline: a submission's reason must be created or updated");
+    }
+    key_type key = key_fn_(std::as_const(e));
+    const std::uint32_t h = detail::mix_hash(hash_(key));
+    const auto prio = static_cast<std::uint8_t>(so.priority);
+    std::optional<std::stop_callback<waker>> on_stop;
+    // The Clock is read only for a delayed submission (or the requeue_after strategy below).
+    const bool delayed = so.delay > std::chrono::nanoseconds::zero();
+    std::int64_t stamp = stamp_now();
+    time_point due = delayed ? detail::add_ns(clock_.now(), so.delay) : time_point{};
+    std::unique_lock lk(mu_);
+    for (bool first = true;; first = false) {
+      if (closed_) return submit_status::closed;
+      if (!first) {  // woke up after waiting: time has moved
+        stamp = stamp_now();
+        if (delayed) due = detail::add_ns(clock_.now(), so.delay);
+      }
+      bool immediate = !delayed;
+      std::uint32_t id = find_locked(h, key);
+      bool wake_worker = false;
+      bool wake_timer = false;
+      bool deferred = false;
+      if (id != detail::no_node) {
+        node& n = slab_[id];
+        if (n.running) {
+          switch (opts_.on_conflict) {
+            case conflict_strategy::discard:
+              ++m_.submitted;
+              ++m_.discarded;
+              return submit_status::discarded;
+            case conflict_strategy::wait:
+              if (!(tl_self_ == this && tl_node_ == id)) {
+                if (try_only) return submit_status::busy;
+                const auto w = block_locked(lk, deadline, stop, on_stop, key_waiters_);
+                if (w != submit_status::ok) return w;
+                continue;
+              }
+              break;
+            case conflict_strategy::requeue_after: {
+              const time_point later = detail::add_ns(clock_.now(), opts_.conflict_delay);
+              due = immediate ? later : std::max(due, later);
+              immediate = false;
+              deferred = true;  // counted once placed (review r1 F9: the first deferral was missed)
+              break;
+            }
+            default: break;
+          }
+        }
+        if (n.pend == pend_none && immediate && queued_ + waiting_ >= opts_.capacity) {
+          if (try_only) return submit_status::full;
+          const auto w = block_locked(lk, deadline, stop, on_stop, submit_waiters_);
+          if (w != submit_status::ok) return w;
+          continue;
+        }
+        place_locked(id, n, e, immediate, due, stamp, prio, so.reason, wake_worker, wake_timer);
+      } else {
+        if (immediate && queued_ + waiting_ >= opts_.capacity) {
+          if (try_only) return submit_status::full;
+          const auto w = block_locked(lk, deadline, stop, on_stop, submit_waiters_);
+          if (w != submit_status::ok) return w;
+          continue;
+        }
+        slab_.reserve_one();  // these three may throw bad_alloc: nothing has changed yet
+        index_.reserve_one();
+        heap_.reserve(slab_.live() + 1);
+        id = slab_.allocate();
+        node& n = slab_[id];
+        n.key.emplace(std::move(key));  // std::move: key is not used again on this path
+        n.hash = h;
+        index_.insert(h, id);
+        place_locked(id, n, e, immediate, due, stamp, prio, so.reason, wake_worker, wake_timer);
+      }
+      ++m_.submitted;
+      if (deferred) ++m_.conflict_requeues;
+      lk.unlock();
+      // One worker suffices for a new earliest deadline: it re-parks with the heap's top.
+      if (wake_timer || wake_worker) work_ec_.notify_one();
+      return submit_status::ok;
+    }
+  }
+
+  // Puts `e` into node `n` as its pending version, merging with one already there (dedup rule).
+  // `immediate`: due now; else due at `due` (on the Clock). `stamp`: now, for latency.
+  void place_locked(std::uint32_t id, node& n, Entity& e, bool immediate, time_point due, std::int64_t stamp,
+                    std::uint8_t prio, reconcile_reason reason, bool& wake_worker, bool& wake_timer) noexcept {
+    if (n.pend != pend_none) {
+      ++m_.coalesced;
+      n.entity.reset();
+      n.entity.emplace(std::move(e));
+      // The reason goes with the deadline that decides when the version runs (review r1 F8): a
+      // merge that keeps a scheduled retry's deadline, or meets a due retry or requeue already
+      // queued, keeps that reason, so the run still counts as the retry that waited (it
+      // escalates the backoff). A merge that makes it run earlier takes the submission's reason.
+      const bool pending_waited = n.reason == reconcile_reason::retry_after_failure ||
+                                  n.reason == reconcile_reason::requeue_requested;
+      if (n.pend != pend_scheduled && !pending_waited) n.reason = reason;
+      const std::uint8_t new_prio = std::max(n.priority, prio);
+      if (n.pend == pend_scheduled) {
+        if (immediate) {
+          heap_erase_locked(n.heap_pos, pos_fn());
+          n.reason = reason;
+          n.priority = new_prio;
+          n.ready_at = stamp;
+          if (n.running) {
+            n.pend = pend_waiting;
+            ++waiting_;
+          } else {
+            push_queued_locked(id, n);
+            note_queued_locked(wake_worker);
+          }
+        } else {
+          n.priority = new_prio;
+          if (due < n.deadline) {
+            n.deadline = due;
+            n.reason = reason;
+            heap_.update(n.heap_pos, due, pos_fn());
+            note_deadline_locked(due, wake_timer);
+          }
+        }
+      } else if (n.pend == pend_queued && new_prio != n.priority) {
+        unlink_queued_locked(id, n);
+        n.priority = new_prio;
+        push_queued_locked(id, n);
+      } else {
+        n.priority = new_prio;
+      }
+      return;
+    }
+    n.entity.emplace(std::move(e));
+    n.reason = reason;
+    n.priority = prio;
+    n.ready_at = stamp;
+    if (!immediate) {
+      schedule_locked(id, n, due, wake_timer);
+    } else if (n.running) {
+      n.pend = pend_waiting;
+      ++waiting_;
+    } else {
+      push_queued_locked(id, n);
+      note_queued_locked(wake_worker);
+    }
+  }
+
+  void note_queued_locked(bool& wake_worker) noexcept {
+    if (spinning_ > 0) {
+      // relaxed: a hint for spinning workers, who re-check under the lock before acting on it.
+      work_hint_.store(1, std::memory_order_relaxed);
+      // A spinning worker takes this one: no futex wake, and no second worker woken only to find
+      // nothing, spin and park again (review r1 L9). It re-checks the queue under the lock after
+      // every spin, so nothing is left behind.
+      if (queued_ <= spinning_) return;
+    }
+    if (sleeping_ > wakes_pending_) {
+      ++wakes_pending_;
+      wake_worker = true;
+    }
+  }
+
+  struct waker {
+    detail::event_count* ec;
+    void operator()() const noexcept { ec->notify_all(); }
+  };
+
+  // Parks a submitter until something changes; returns ok to re-check, or timeout / cancelled.
+  submit_status block_locked(std::unique_lock<detail::spin_mutex>& lk, const std::optional<time_point>& deadline,
+                             const std::stop_token* stop, std::optional<std::stop_callback<waker>>& on_stop,
+                             std::size_t& counter) {
+    if (deadline && clock_.now() >= *deadline) return submit_status::timeout;
+    if (stop != nullptr && stop->stop_possible() && !on_stop) {
+      lk.unlock();
+      on_stop.emplace(*stop, waker{&submit_ec_});
+      lk.lock();
+      return submit_status::ok;  // state may have changed while unlocked: re-check first
+    }
+    const auto key = submit_ec_.prepare_wait();
+    if (stop != nullptr && stop->stop_requested()) {
+      submit_ec_.cancel_wait();
+      return submit_status::cancelled;
+    }
+    ++counter;
+    lk.unlock();
+    if (deadline) clock_.wait_until(submit_ec_, key, *deadline); else clock_.wait(submit_ec_, key);
+    lk.lock();
+    --counter;
+    return submit_status::ok;
+  }
+
+  // Parks on `ec` (registered in `counter`) until notified or `deadline`. Caller loops.
+  void park_locked(std::unique_lock<detail::spin_mutex>& lk, detail::event_count& ec, std::size_t& counter,
+                   const std::optional<time_point>& deadline) {
+    const auto key = ec.prepare_wait();
+    ++counter;
+    lk.unlock();
+    if (deadline) clock_.wait_until(ec, key, *deadline); else clock_.wait(ec, key);
+    lk.lock();
+    --counter;
+  }
+
+  bool wait_idle_impl(const std::optional<time_point>& deadline) {
+    std::unique_lock lk(mu_);
+    for (;;) {
+      if (fault_) std::rethrow_exception(fault_);
+      if ((slab_.live() == 0 || finalized_) && delivering_ == 0) return true;
+      if (deadline && clock_.now() >= *deadline) return false;
+      park_locked(lk, idle_ec_, idle_waiters_, deadline);
+    }
+  }
+
+  // ---- workers -------------------------------------------------------------------------------
+
+  // Moves due scheduled versions to their queues (or behind their running key), then picks the
+  // next key to run by priority with the starvation bound. no_node if nothing is runnable.
+  std::uint32_t next_locked(time_point now, std::int64_t stamp) {
+    while (!heap_.empty() && heap_.top().deadline <= now) {
+      const std::uint32_t id = heap_.top().id;
+      node& n = slab_[id];
+      heap_erase_locked(0, pos_fn());
+      n.pend = pend_none;
+      if (n.running) {
+        if (opts_.on_conflict == conflict_strategy::requeue_after) {
+          bool ignored = false;
+          ++m_.conflict_requeues;
+          schedule_locked(id, n, detail::add_ns(now, opts_.conflict_delay), ignored);
+        } else {
+          n.pend = pend_waiting;
+          ++waiting_;
+        }
+      } else {
+        n.ready_at = stamp;  // queue latency counts from when the requeue was found due
+        push_queued_locked(id, n);
+      }
+    }
+    if (queued_ == 0) return detail::no_node;
+    int chosen = -1;
+    const int levels = static_cast<int>(levels_.size());
+    if (levels > 1) {
+      for (int l = 0; l < levels; ++l) {
+        if (levels_[l].size != 0 && levels_[l].skipped >= opts_.starvation_limit) {
+          chosen = l;
+          break;
+        }
+      }
+      if (chosen < 0) {
+        for (int l = levels - 1; l >= 0; --l) {
+          if (levels_[l].size != 0) {
+            chosen = l;
+            break;
+          }
+        }
+      }
+      for (int l = 0; l < chosen; ++l) {
+        if (levels_[l].size != 0) ++levels_[l].skipped;
+      }
+      levels_[chosen].skipped = 0;
+    } else {
+      chosen = 0;
+    }
+    const std::uint32_t id = levels_[chosen].head;
+    unlink_queued_locked(id, slab_[id]);
+    return id;
+  }
+
+  // The run's stop source, to request_stop() on after unlocking (never under the lock: that runs
+  // user std::stop_callbacks inside the critical section). The worker replaces its source at its
+  // next pick, so the copy targets exactly this run; a late request on a finished run is harmless.
+  [[nodiscard]] std::stop_source take_worker_stop_locked(worker_state& ws) noexcept {
+    ws.stop_used = true;
+    return ws.stop;
+  }
+
+  static void fire_stops(std::vector<std::stop_source>& v) noexcept {
+    for (std::stop_source& s : v) {
+      if (s.stop_possible()) s.request_stop();
+      s = std::stop_source(std::nostopstate);
+    }
+  }
+
+  void worker_main(std::size_t w) {
+    tl_self_ = this;
+    worker_state& ws = workers_[w];
+    std::optional<Entity> local;  // the running version
+    std::exception_ptr machinery;  // a Clock or allocation failure: faults the pipeline
+    time_point now{};
+    std::int64_t stamp = 0;
+    // Takes a stamp every time; reads the Clock only when something needs it: scheduled entries
+    // to promote, a reconcile_timeout, or (force) a requeue or retry deadline to compute. A stale
+    // `now` is never later than the truth, so it can delay a promotion, never make one early.
+    auto read_now = [&](bool force) noexcept {
+      try {
+        stamp = stamp_now();
+        // relaxed: a hint (see heap_erase_locked); a stale zero only delays as explained above.
+        if (force || timed_ || scheduled_hint_.load(std::memory_order_relaxed) != 0) now = clock_.now();
+      } catch (...) {
+        if (!machinery) machinery = std::current_exception();
+      }
+    };
+    bool spun = false;
+    std::unique_lock lk(mu_);
+    read_now(true);
+    for (;;) {
+      if (machinery && !fault_) fault_locked(machinery);
+      if (stopping_ || fault_) break;
+      const std::uint32_t id = next_locked(now, stamp);
+      if (id == detail::no_node) {
+        if (!spun && spinning_ == 0) {
+          // The next submission is often microseconds away: one idle worker spins for it (no
+          // futex round trip); more spinners would only burn the cores the others need.
+          spin_for_work(lk);
+          spun = true;
+        } else {
+          park_worker_locked(lk, ws);
+          spun = false;
+        }
+        read_now(false);
+        continue;
+      }
+      spun = false;
+      node& n = slab_[id];
+      if (ws.stop_used) {
+        try {
+          ws.stop = std::stop_source();
+          ws.token = ws.stop.get_token();
+          ws.stop_used = false;
+        } catch (...) {  // could not allocate a fresh stop state: fault, and put the key back
+          push_queued_locked(id, n);
+          machinery = std::current_exception();
+          continue;
+        }
+      }
+      n.pend = pend_none;
+      n.running = true;
+      n.cancel_run = false;
+      n.worker = static_cast<std::uint32_t>(w);
+      ++running_;
+      ws.node = id;
+      ws.started_stamp = stamp;
+      ws.started = now;
+      ws.timed_out = false;
+      ws.reason = n.reason;
+      ws.queue_latency.record(since(n.ready_at, stamp));
+      local.emplace(std::move(*n.entity));
+      n.entity.reset();
+      const context ctx{*n.key, n.failures + 1, n.reason, static_cast<int>(n.priority), ws.token};
+      bool wake_more = false;
+      if (queued_ > 0) note_queued_locked(wake_more);
+      if (!heap_.empty()) {  // this worker may have been the timer watcher: keep one watching
+        watch_handoff_ = false;
+        note_deadline_locked(heap_.top().deadline, wake_more);
+      }
+      // Submitters blocked on a full intake are woken in bunches: once a quarter has drained.
+      const bool wake_space = submit_waiters_ > 0 && queued_ + waiting_ <= space_threshold_;
+      const bool wake_watchdog = watchdog_untimed_;
+      watchdog_untimed_ = false;
+      lk.unlock();
+      if (wake_more) work_ec_.notify_one();
+      if (wake_space) submit_ec_.notify_all();
+      if (wake_watchdog) watchdog_ec_.notify_all();
+
+      tl_node_ = id;
+      reconcile_result res = invoke(*local, ctx);
+      tl_node_ = detail::no_node;
+      if (res.result_kind() == reconcile_result::kind::failure || res.result_kind() == reconcile_result::kind::terminal) {
+        report_failure(ctx, res.error());
+      }
+      const auto k = res.result_kind();
+      read_now(k == reconcile_result::kind::failure ||
+               (k == reconcile_result::kind::requeue && res.delay() > std::chrono::nanoseconds::zero()));
+
+      lk.lock();
+      std::optional<dead_letter<key_type, Entity>> dead;
+      bool wake_timer = false;  // a deadline earlier than every parked worker's: wake one to watch it
+      finish_locked(ws, id, res, now, stamp, local, dead, wake_timer, machinery);
+      const bool notify_submit = key_waiters_ > 0;
+      const bool notify_idle = idle_waiters_ > 0 && ((queued_ == 0 && running_ == 0) || slab_.live() == 0 || stopping_);
+      if (dead) ++delivering_;  // stop(), drain(), wait() and wait_idle() wait for the callback too
+      if (dead || notify_submit || notify_idle || wake_timer) {
+        lk.unlock();
+        if (wake_timer) work_ec_.notify_one();
+        if (notify_submit) submit_ec_.notify_all();
+        if (notify_idle) idle_ec_.notify_all();
+        if (dead) deliver_dead_letter(std::move(*dead));
+        lk.lock();
+        if (dead && --delivering_ == 0 && idle_waiters_ > 0) idle_ec_.notify_all();  // rare: under the lock
+        // The callback took arbitrarily long: the next run's start (its timeout, its durations)
+        // must come from a clock read after it (review r1 F3).
+        if (dead) read_now(false);
+      }
+    }
+    // Leaving: the last worker out after a stop begun from inside a callback finishes it.
+    if (stopping_ && running_ == 0 && !finalizing_) finalize_locked(lk);
+    const bool notify_idle = idle_waiters_ > 0;
+    lk.unlock();
+    if (notify_idle) idle_ec_.notify_all();
+  }
+
+  reconcile_result invoke(const Entity& e, const context& ctx) noexcept {
+    try {
+      try {
+        return fn_(e, ctx);
+      } catch (...) {
+        return reconcile_result::failure(std::current_exception());
+      }
+    } catch (...) {  // building the failure itself failed (out of memory): no message
+      return reconcile_result::failure(std::string());
+    }
+  }
+
+  void report_failure(const context& ctx, const reconcile_error& err) noexcept {
+    if (!opts_.on_failure) return;
+    try {
+      opts_.on_failure(ctx.key, err, ctx.attempt);
+    } catch (...) {
+      std::lock_guard lk(mu_);
+      ++m_.callback_errors;
+    }
+  }
+
+  void deliver_dead_letter(dead_letter<key_type, Entity>&& d) noexcept {
+    if (!opts_.on_dead_letter) return;
+    try {
+      opts_.on_dead_letter(std::move(d));
+    } catch (...) {
+      std::lock_guard lk(mu_);
+      ++m_.callback_errors;
+    }
+  }
+
+  // `end`: the Clock after the run (fresh when a requeue or retry needs a deadline); `stamp`: ditto
+  // as a stamp.
+  void finish_locked(worker_state& ws, std::uint32_t id, reconcile_result& res, time_point end, std::int64_t stamp,
+                     std::optional<Entity>& local, std::optional<dead_letter<key_type, Entity>>& dead,
+                     bool& wake_timer, std::exception_ptr& machinery) noexcept {
+    node& n = slab_[id];
+    n.running = false;
+    --running_;
+    ws.node = detail::no_node;
+    ws.reconcile_duration.record(since(ws.started_stamp, stamp));
+    ++m_.reconciled;
+    auto k = res.result_kind();
+    if (ws.timed_out) {
+      ++m_.timeouts;
+      if (k != reconcile_result::kind::terminal) k = reconcile_result::kind::failure;
+    }
+    bool keep = false;
+    std::chrono::nanoseconds delay{0};
+    reconcile_reason next_reason = reconcile_reason::requeue_requested;
+    auto make_dead = [&](dead_letter_reason why, std::uint32_t failures) {
+      ++m_.dead_lettered;  // counted even if it cannot be built: the version ends here either way
+      try {
+        reconcile_error err = ws.timed_out && res.result_kind() != reconcile_result::kind::failure &&
+                                      res.result_kind() != reconcile_result::kind::terminal
+                                  ? reconcile_error{"sluice::reconcile_pipeline: reconcile_timeout exceeded", nullptr}
+                                  : res.take_error();
+        // Unless a newer version is pending, the node is freed below: its key is moved out (no
+        // copy to fail). Otherwise it is copied, and a throwing copy (a std::string key and no
+        // memory) faults the pipeline instead of escaping the worker (review r1 F4).
+        if constexpr (std::is_nothrow_move_constructible_v<key_type>) {
+          if (n.pend == pend_none) {
+            dead.emplace(dead_letter<key_type, Entity>{std::move(*n.key), std::move(*local), std::move(err), failures, why});
+            return;
+          }
+        }
+        dead.emplace(dead_letter<key_type, Entity>{*n.key, std::move(*local), std::move(err), failures, why});
+      } catch (...) {
+        if (!machinery) machinery = std::current_exception();
+      }
+    };
+    if (k == reconcile_result::kind::failure || k == reconcile_result::kind::terminal) ++m_.failed;
+    if (n.cancel_run && k != reconcile_result::kind::done) {
+      // The run counts by its result (reconciled == succeeded + failed + requeues, always); its
+      // entity, which would have been retried or requeued, counts as cancelled.
+      if (k == reconcile_result::kind::requeue) ++m_.requeues;
+      ++m_.cancelled;
+      n.failures = 0;
+    } else {
+      switch (k) {
+        case reconcile_result::kind::done:
+          ++m_.succeeded;
+          n.failures = 0;
+          break;
+        case reconcile_result::kind::requeue:
+          ++m_.requeues;
+          n.failures = 0;
+          keep = true;
+          delay = res.delay();
+          break;
+        case reconcile_result::kind::failure: {
+          const bool escalate = ws.reason == reconcile_reason::retry_after_failure || n.failures == 0;
+          const std::uint32_t f = escalate ? (n.failures == UINT32_MAX ? n.failures : n.failures + 1) : n.failures;
+          if (escalate && opts_.backoff.max_retries && f > *opts_.backoff.max_retries) {
+            make_dead(dead_letter_reason::retries_exhausted, f);
+            n.failures = 0;
+          } else {
+            n.failures = f;
+            delay = std::max(backoff_delay_locked(f), ws.timed_out ? std::chrono::nanoseconds(0) : res.delay());
+            next_reason = reconcile_reason::retry_after_failure;
+            keep = true;
+            ++m_.retries;
+          }
+          break;
+        }
+        case reconcile_result::kind::terminal:
+          make_dead(dead_letter_reason::terminal, n.failures + 1);
+          n.failures = 0;
+          break;
+      }
+    }
+    if (keep) {
+      if (n.pend != pend_none) {
+        ++m_.coalesced;  // a newer version is pending: its entity supersedes this one...
+        // ...but this run's requeue / retry deadline still counts (dedup rule: the earliest
+        // deadline wins; review r1 F15). A queued or waiting version runs next anyway; a scheduled
+        // one moves up to this run's deadline, and then runs for this run's reason.
+        if (n.pend == pend_scheduled) {
+          if (delay <= std::chrono::nanoseconds::zero()) {
+            heap_erase_locked(n.heap_pos, pos_fn());
+            n.reason = next_reason;
+            n.ready_at = stamp;
+            push_queued_locked(id, n);
+          } else if (const time_point mine = detail::add_ns(end, delay); mine < n.deadline) {
+            n.deadline = mine;
+            n.reason = next_reason;
+            heap_.update(n.heap_pos, mine, pos_fn());
+            note_deadline_locked(mine, wake_timer);
+          }
+        }
+      } else {
+        n.entity.emplace(std::move(*local));
+        n.reason = next_reason;
+        if (delay > std::chrono::nanoseconds::zero()) {
+          schedule_locked(id, n, detail::add_ns(end, delay), wake_timer);
+        } else {
+          n.ready_at = stamp;
+          push_queued_locked(id, n);
+        }
+      }
+    }
+    local.reset();
+    if (n.pend == pend_waiting) {
+      --waiting_;
+      push_queued_locked(id, n);
+    }
+    const bool was_blocker = compact_blocker_ == id;  // this run held up compaction: it may move now
+    if (was_blocker) compact_blocker_ = detail::no_node;
+    if (n.pend == pend_none) {
+      free_node_locked(id, n);  // compacts
+    } else if (was_blocker) {
+      compact_locked();
+    }
+  }
+
+  // Spins (unlocked) for about ten microseconds until a submission sets the work hint — bounded by
+  // elapsed time, not by a count of pauses (512 of them took 30-60 µs on this EPYC; review r1 F6)
+  // — so an idle pipeline still parks right after. Ten: below the ~25 µs a futex park and wake
+  // costs, and measured: a 2 µs spin parked so often that the no-op benchmark spent 25% more CPU
+  // per reconcile on park/wake round trips than the old 30-60 µs spin; 10 µs was within 5% of it.
+  void spin_for_work(std::unique_lock<detail::spin_mutex>& lk) {
+    ++spinning_;
+    lk.unlock();
+    // No yield here: on a loaded machine a yield can hand the core away for a whole time slice.
+    detail::spin_budget<10000, 256> budget;
+    do {
+      // relaxed: only a hint (see note_queued_locked); the caller re-checks under the lock.
+      if (work_hint_.load(std::memory_order_relaxed) != 0) break;
+      detail::cpu_relax();
+    } while (!budget.expired());
+    lk.lock();
+    if (--spinning_ == 0) work_hint_.store(0, std::memory_order_relaxed);  // relaxed: as above
+  }
+
+  // The timer watcher: of the parked workers, one (at most, normally) parks with the earliest
+  // deadline; the others park without one. So a due requeue wakes one worker, not all of them.
+  // A new earlier deadline, or a watcher leaving to run work, hands the watch to one sleeper.
+  void note_deadline_locked(time_point deadline, bool& wake_timer) noexcept {
+    if (sleeping_ > 0 && !watch_handoff_ && (!watching_ || deadline < watch_deadline_)) {
+      wake_timer = true;
+      watch_handoff_ = true;  // until a worker parks (and takes the watch) or dispatches
+    }
+  }
+
+  void park_worker_locked(std::unique_lock<detail::spin_mutex>& lk, worker_state& ws) {
+    const bool notify_idle = idle_waiters_ > 0;
+    const auto key = work_ec_.prepare_wait();
+    ++sleeping_;
+    watch_handoff_ = false;
+    std::optional<time_point> deadline;
+    if (!heap_.empty() && (!watching_ || heap_.top().deadline < watch_deadline_)) {
+      deadline = heap_.top().deadline;
+      watching_ = true;
+      watch_deadline_ = *deadline;
+      ws.parked_until = *deadline;
+    }
+    lk.unlock();
+    if (notify_idle) idle_ec_.notify_all();
+    if (deadline) clock_.wait_until(work_ec_, key, *deadline); else clock_.wait(work_ec_, key);
+    lk.lock();
+    --sleeping_;
+    if (wakes_pending_ > 0) --wakes_pending_;
+    if (deadline && watching_ && watch_deadline_ == ws.parked_until) watching_ = false;  // it was the watcher
+    ws.parked_until = time_point::max();
+  }
+
+  void watchdog_main() {
+    tl_self_ = this;
+    const auto timeout = *opts_.reconcile_timeout;
+    std::unique_lock lk(mu_);
+    while (!stopping_ && !fault_) {
+      time_point now{};
+      try {
+        now = clock_.now();
+      } catch (...) {
+        fault_locked(std::current_exception());
+        break;
+      }
+      std::optional<time_point> next;
+      bool fired = false;
+      for (std::size_t w = 0; w < workers_.size(); ++w) {
+        worker_state& ws = workers_[w];
+        if (ws.node == detail::no_node || ws.timed_out) continue;
+        const time_point due = detail::add_ns(ws.started, timeout);
+        if (due <= now) {
+          ws.timed_out = true;
+          watchdog_scratch_[w] = take_worker_stop_locked(ws);
+          fired = true;
+        } else if (!next || due < *next) {
+          next = due;
+        }
+      }
+      if (fired) {  // request the stops outside the lock (r1 F11), then look again
+        lk.unlock();
+        fire_stops(watchdog_scratch_);
+        lk.lock();
+        continue;
+      }
+      watchdog_untimed_ = !next;
+      park_locked(lk, watchdog_ec_, watchdog_waiters_, next);
+      watchdog_untimed_ = false;
+    }
+  }
+
+  // ---- shutdown internals --------------------------------------------------------------------
+
+  // True for the one caller that began the shutdown: it then owns stop_scratch_ and must
+  // fire_stops() it after unlocking.
+  [[nodiscard]] bool begin_stop_locked() noexcept {
+    closed_ = true;
+    if (stopping_) return false;
+    stopping_ = true;
+    for (std::size_t w = 0; w < workers_.size(); ++w) {
+      if (workers_[w].node != detail::no_node) stop_scratch_[w] = take_worker_stop_locked(workers_[w]);
+    }
+    return true;
+  }
+
+  void fault_locked(std::exception_ptr e) noexcept {
+    if (!fault_) fault_ = std::move(e);
+    closed_ = true;
+    // Wake everyone (under the lock is fine: notify only bumps an epoch and maybe makes a syscall).
+    work_ec_.notify_all();
+    submit_ec_.notify_all();
+    idle_ec_.notify_all();
+    watchdog_ec_.notify_all();
+  }
+
+  void wake_everyone() noexcept {
+    work_ec_.notify_all();
+    submit_ec_.notify_all();
+    idle_ec_.notify_all();
+    watchdog_ec_.notify_all();
+  }
+
+  // With no reconcile running: takes every pending version out and reports it, once.
+  void finalize_locked(std::unique_lock<detail::spin_mutex>& lk) {
+    if (finalizing_) return;
+    finalizing_ = true;
+    std::vector<unprocessed<key_type, Entity>> out;
+    // Freeing the last live node must not release chunks this loop has yet to walk (review r1 F1):
+    // the slab shrinks once, after the loop.
+    slab_.hold_shrink();
+    const std::size_t cap = slab_.capacity();
+    for (std::uint32_t id = 0; id < cap; ++id) {
+      node& n = slab_[id];
+      if (!n.key) continue;
+      if (n.pend != pend_none) {
+        const pending_state st = n.pend == pend_queued ? pending_state::queued
+                                 : n.pend == pend_scheduled ? pending_state::scheduled
+                                                            : pending_state::waiting;
+        try {
+          if (opts_.on_unprocessed) out.push_back(unprocessed<key_type, Entity>{*n.key, std::move(*n.entity), st, n.failures});
+        } catch (...) {
+          ++m_.callback_errors;  // could not hold it for reporting: still counted as unprocessed
+        }
+        unlink_pending_locked(id, n);
+        ++m_.unprocessed;
+      }
+      if (!n.running) free_node_locked(id, n);
+    }
+    slab_.end_hold();
+    lk.unlock();
+    std::uint64_t errors = 0;
+    const reconcile_core* const outer = tl_self_;
+    tl_self_ = this;  // stop()/drain() from inside on_unprocessed must not wait for this very thread
+    for (auto& u : out) {
+      try {
+        opts_.on_unprocessed(std::move(u));
+      } catch (...) {
+        ++errors;
+      }
+    }
+    tl_self_ = outer;
+    out.clear();
+    lk.lock();
+    m_.callback_errors += errors;
+    finalized_ = true;
+    lk.unlock();
+    wake_everyone();
+    lk.lock();
+  }
+
+  // ---- members -------------------------------------------------------------------------------
+
+  options opts_;
+  Clock clock_;
+  KeyFn key_fn_;
+  Hash hash_;
+  KeyEqual eq_;
+  reconcile_fn fn_;
+  double ns_per_tick_ = detail::tsc_ns_per_tick();
+
+  mutable detail::spin_mutex mu_;
+  std::mt19937_64 rng_;
+  detail::node_slab<node> slab_;
+  detail::slot_index index_;
+  detail::deadline_heap<time_point> heap_;
+  std::vector<level> levels_;
+  std::vector<worker_state> workers_;
+  std::vector<std::stop_source> stop_scratch_;      // written once, by the caller that begins the stop
+  std::vector<std::stop_source> watchdog_scratch_;  // the watchdog thread's alone
+  reconcile_metrics m_;
+  std::size_t queued_ = 0;
+  std::size_t waiting_ = 0;
+  std::size_t running_ = 0;
+  std::size_t delivering_ = 0;  // on_dead_letter calls in progress (outside the lock)
+  std::size_t space_threshold_ = 0;  // capacity - max(1, capacity / 4)
+  std::uint32_t compact_blocker_ = detail::no_node;  // a running node compaction waits for
+  std::uint64_t relocated_ = 0;                       // nodes moved by compact_locked (a test counter)
+
+  bool closed_ = false;
+  bool stopping_ = false;
+  bool finalizing_ = false;
+  bool finalized_ = false;
+  std::exception_ptr fault_;
+
+  // Parking bookkeeping (under mu_): who is parked where, so wakers make a system call only
+  // when someone sleeps.
+  std::size_t sleeping_ = 0;       // workers parked on work_ec_
+  std::size_t spinning_ = 0;       // workers in spin_for_work()
+  std::atomic<std::size_t> scheduled_hint_{0};  // heap_.size(), readable without the lock
+  const bool timed_ = opts_.reconcile_timeout.has_value();
+  std::atomic<std::uint32_t> work_hint_{0};  // set when work is queued while someone spins
+  std::size_t wakes_pending_ = 0;  // notify_one()s not yet absorbed by a waking worker
+  bool watching_ = false;        // a parked worker waits for watch_deadline_
+  time_point watch_deadline_{};
+  bool watch_handoff_ = false;   // a worker was woken to take the watch and has not parked yet
+  std::size_t submit_waiters_ = 0;  // submitters waiting for capacity
+  std::size_t key_waiters_ = 0;     // submitters waiting for a key to stop running (wait strategy)
+  std::size_t idle_waiters_ = 0;    // stop / drain / wait / wait_idle
+  std::size_t watchdog_waiters_ = 0;
+  bool watchdog_untimed_ = false;   // the watchdog is parked with no deadline
+
+  detail::event_count work_ec_;
+  detail::event_count submit_ec_;
+  detail::event_count idle_ec_;
+  detail::event_count watchdog_ec_;
+
+  std::vector<std::jthread> threads_;
+  std::jthread watchdog_;
+
+  static inline thread_local const reconcile_core* tl_self_ = nullptr;
+  static inline thread_local std::uint32_t tl_node_ = detail::no_node;
+};
+
+}  // namespace sluice::detail
