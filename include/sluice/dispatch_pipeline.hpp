@@ -41,14 +41,18 @@
 //   fails the request as retriable.
 // Never: polls, scans partitions, or calls a delivery callback under a lock.
 //
+// Delivery reports go to the pipeline-wide `on_delivery` (a constructor argument: the fast path,
+// nothing per record but the record itself), or to a callback given with the record
+// (send(p, r, callback): carried on the heap, one allocation per record).
+//
 // Example:
 //   using pipeline = sluice::dispatch_pipeline<int, std::string, int>;
 //   pipeline p({}, [](int part) { return std::optional(part % 3); },
 //              [](pipeline::request&& r) { r.complete(sluice::send_result::ok); },
-//              [](const std::string& s) { return s.size(); });
-//   (void)p.send(7, std::string("hello"), [](const std::string&, const sluice::delivery_report& d) {
-//     if (!d) std::puts("failed");
-//   });
+//              [](const std::string& s) { return s.size(); },
+//              [](const std::string&, const sluice::delivery_report& d) { if (!d) std::puts("failed"); });
+//   (void)p.send(7, std::string("hello"));                  // reported to the pipeline-wide callback
+//   (void)p.send(8, std::string("bye"), [](const std::string&, const sluice::delivery_report&) {});
 //   p.flush();
 #pragma once
 
@@ -580,7 +584,7 @@ class dispatch_pipeline {
     const send_status s = append(std::move(env), bytes);  // counts it as accepted (the accumulator's appended)
     if (s != send_status::ok) {
       record = std::move(env.record);  // back to the caller
-      if (env.callback) *cb = std::move(*env.callback);
+      if (cb != nullptr && env.callback) *cb = std::move(*env.callback);
       env.done = true;
     }
     return s;

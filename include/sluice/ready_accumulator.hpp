@@ -44,7 +44,8 @@
 //   are due at once) so memory is not held back by batches waiting out their linger. A call that
 //   does not return `ok` leaves the record with the caller.
 // - Conservation: appended = delivered + failed + expired + taken + pending, exactly (stats()).
-// - Every member function is thread-safe (one internal mutex; any number of appenders and senders).
+// - Every member function is thread-safe (one internal lock, which spins briefly before it parks;
+//   any number of appenders and senders).
 // Never: scans partitions in append/ready/drain/wait_ready (only audit(), take_pending(), flush()
 // and close(), which walk open batches or everything), polls, or busy-waits. A batch handle that is
 // destroyed without being settled counts its records as failed (nothing vanishes).
