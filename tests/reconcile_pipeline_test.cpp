@@ -1355,3 +1355,63 @@ TEST_CASE("reconcile_pipeline: idle workers leave the timer to one keeper (r1 F5
   p.stop();
   CHECK(p.metrics().balanced());
 }
+
+// Review r1 L1: wait_idle() (or wait()) from inside a reconcile waited for the very run calling it.
+TEST_CASE("reconcile_pipeline: wait and wait_idle from inside a callback throw instead of hanging (r1 L1)") {
+  hang_guard guard("wait from inside a callback test");
+  manual_clock clock;
+  mpipe* self = nullptr;
+  std::atomic<int> threw{0};
+  mpipe p({.max_parallel = 1}, [&](const item&, std::stop_token) {
+    try {
+      self->wait_idle();
+    } catch (const std::logic_error&) {
+      ++threw;
+    }
+    try {
+      self->wait();
+    } catch (const std::logic_error&) {
+      ++threw;
+    }
+    return reconcile_result::done();
+  }, clock);
+  self = &p;
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  p.wait_idle();
+  CHECK(threw == 2);
+  p.stop();
+  CHECK(p.metrics().balanced());
+}
+
+// Review r1 L11: drain closed the intake without waking submitters parked on a full intake.
+TEST_CASE("reconcile_pipeline: drain wakes submitters blocked on a full intake (r1 L11)") {
+  hang_guard guard("drain wakes submitters test");
+  manual_clock clock;
+  gate g;
+  mpipe::options o;
+  o.max_parallel = 1;
+  o.capacity = 1;
+  mpipe p(o, [&](const item& e, std::stop_token) {
+    if (e.key == 0) g.wait();
+    return reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(item{0, 1}) == submit_status::ok);  // occupies the only worker
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);  // fills the intake
+  std::atomic<int> blocked_result{-1};
+  std::thread submitter([&] { blocked_result = static_cast<int>(p.submit(item{2, 1})); });
+  std::this_thread::sleep_for(20ms);  // real time only: let it park on the full intake
+  CHECK(blocked_result == -1);
+  std::atomic<bool> drained{false};
+  std::thread drainer([&] { drained = p.drain_until(manual_clock::time_point::max()); });
+  // The submitter returns `closed` while the drain still waits for key 0 (the gate is shut).
+  CHECK(eventually([&] { return blocked_result.load() != -1; }));
+  CHECK(blocked_result == static_cast<int>(submit_status::closed));
+  g.release();
+  drainer.join();
+  submitter.join();
+  CHECK(drained);
+  const auto m = p.metrics();
+  CHECK(m.succeeded == 2);
+  CHECK(m.balanced());
+}

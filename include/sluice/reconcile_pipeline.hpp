@@ -132,17 +132,19 @@ class reconcile_pipeline : private detail::reconcile_core<Entity, KeyFn, Clock, 
   /// Idempotent; thread-safe; from inside a callback it begins the shutdown and returns at once
   /// (the last running worker finishes it).
   using core::stop;
-  /// drain_until(tp), drain_for(d) -> bool: closes intake, runs everything accepted (including
-  /// requeues and retries falling due before the deadline), then stop()s. True if nothing was left
-  /// to report. From inside a callback it only closes intake and returns false.
+  /// drain_until(tp), drain_for(d) -> bool: closes intake (blocked submitters return closed at
+  /// once), runs everything accepted (including requeues and retries falling due before the
+  /// deadline), then stop()s. True if nothing was left to report. From inside a callback it only
+  /// closes intake and returns false.
   using core::drain_until;
   using core::drain_for;
   /// wait(): blocks until the pipeline has stopped (stop(), drain() or destructor) or faulted;
-  /// rethrows the fault. Thread-safe.
+  /// rethrows the fault. Thread-safe. From inside one of the pipeline's callbacks it throws
+  /// std::logic_error (it would wait for itself).
   using core::wait;
   /// wait_idle(), wait_idle_for(d), wait_idle_until(tp) -> bool: until no key has any state
   /// (nothing queued, scheduled, waiting or running), or the pipeline stopped or faulted
-  /// (rethrown). Thread-safe.
+  /// (rethrown). Thread-safe. From inside a callback: std::logic_error, as wait().
   using core::wait_idle;
   using core::wait_idle_for;
   using core::wait_idle_until;

@@ -189,6 +189,9 @@ class reconcile_core {
   bool drain_until(time_point deadline) {
     std::unique_lock lk(mu_);
     closed_ = true;
+    // Submitters parked on a full intake (or on a key, conflict_strategy::wait) return `closed`
+    // now, not when a pick or stop() happens to wake them (review r1 L11).
+    if (submit_waiters_ > 0 || key_waiters_ > 0) submit_ec_.notify_all();
     if (tl_self_ == this) return false;
     for (;;) {
       if (stopping_ || fault_) break;
@@ -210,6 +213,7 @@ class reconcile_core {
   /// Blocks until the pipeline has stopped (stop(), drain() or destructor) or faulted; rethrows
   /// the fault. Thread-safe.
   void wait() {
+    if (tl_self_ == this) throw_self_wait("wait()");
     std::unique_lock lk(mu_);
     while ((!finalized_ || delivering_ > 0) && !fault_) park_locked(lk, idle_ec_, idle_waiters_, std::nullopt);
     if (fault_) std::rethrow_exception(fault_);
@@ -750,6 +754,7 @@ class reconcile_core {
   }
 
   bool wait_idle_impl(const std::optional<time_point>& deadline) {
+    if (tl_self_ == this) throw_self_wait("wait_idle()");
     std::unique_lock lk(mu_);
     for (;;) {
       if (fault_) std::rethrow_exception(fault_);
@@ -757,6 +762,13 @@ class reconcile_core {
       if (deadline && clock_.now() >= *deadline) return false;
       park_locked(lk, idle_ec_, idle_waiters_, deadline);
     }
+  }
+
+  // From inside one of this pipeline's callbacks, wait() and wait_idle() would wait for the very
+  // run (or stop) that is calling them: a deadlock, reported instead (review r1 L1).
+  [[noreturn]] static void throw_self_wait(const char* what) {
+    throw std::logic_error(std::string("sluice::reconcile_pipeline: ") + what +
+                           " called from inside one of the pipeline's own callbacks would wait for itself");
   }
 
   // ---- workers -------------------------------------------------------------------------------
