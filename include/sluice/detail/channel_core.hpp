@@ -214,7 +214,7 @@ class channel_core {
   void freed(std::size_t n) noexcept {
     // relaxed: a statistic with a single writer (this consumer); a plain load + store, no RMW.
     received_.store(received_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
-    waiter_.freed(ring_, n);
+    waiter_.freed(n);
   }
 
   // Consumer, returning empty-handed: producers waiting for freed slots go first; closed wins over

@@ -213,15 +213,6 @@ class channel_ring {
     return (t & closed_bit) != 0 || t != head_.load(std::memory_order_seq_cst);
   }
 
-  /// Consumer only, a hint: true if at least `k` (1..capacity) slots look free, i.e. the position
-  /// capacity - k after the head is not published yet (one stamp load; a claimed but unpublished
-  /// position counts as free).
-  [[nodiscard]] bool looks_free(std::size_t k) const noexcept {
-    // relaxed: the consumer's own head_ (or an evictor's, under the read lock: a hint either way).
-    const pos_type q = advance(head_.load(std::memory_order_relaxed), cap_ - k);
-    return at(q).stamp.load(std::memory_order_relaxed) != q + 1;  // relaxed: a hint, no data read
-  }
-
   /// Closed, and every claimed position has been read: nothing will ever come out again.
   [[nodiscard]] bool drained() const noexcept {
     const pos_type t = tail_.load(std::memory_order_seq_cst);

@@ -8,17 +8,14 @@
 //
 // Producers waiting for space (full_mode::wait) wait for a chunk (an eighth of the capacity), not
 // for one slot: otherwise every slot the consumer frees is fought over at once and the consumer's
-// head line bounces between cores on every item. One producer at a time polls for it (exponential
-// backoff, then a few yields); the others park at once. With more producers than cores every
-// polling or yielding producer is a runnable thread that shares the consumer's core and takes its
-// time, while one poller is enough to take the space as it is freed; so with eight producers on two
-// cores, the consumer and one producer run and the rest sleep. The consumer wakes a parked producer
-// only when it is needed: a quarter of the ring is free and nobody polls (the poller gave up or its
-// producer stopped sending), and, so that a producer keeping the channel full cannot pass a parked
-// one over for longer, once per 16 laps of the ring received while producers are parked; such a
-// woken producer polls whoever else does. All parked producers are woken when the consumer runs dry
-// (about to park or to return empty-handed). In the steady state of a full channel the consumer,
-// the bottleneck, therefore makes no system call at all.
+// head line bounces between cores on every item. They poll with exponential backoff, yield a few
+// times (with more producers than cores, the consumer may be queued behind them), then park. The
+// consumer wakes one parked producer per quarter of the capacity it frees, and all of them when it
+// runs dry (about to park or to return empty-handed): a futex hop per freed slot would cost
+// several-fold on a small machine. Until then the buffer stays at least 3/4 full, so the consumer
+// never starves for it. While some producer is polling (it will take the space without a system
+// call), the consumer skips its quarter wake-up, at most three times in a row: a parked producer
+// is bypassed for at most one lap of the ring.
 //
 // The consumer spins adaptively on the head slot's stamp (the line the next item's producer writes
 // anyway): the spin doubles while spinning pays and halves while it does not, between 256 and 2048
@@ -38,7 +35,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstddef>
-#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
@@ -108,9 +104,7 @@ class single_receiver_check {
 class channel_waiter {
  public:
   explicit channel_waiter(std::size_t capacity) noexcept
-      : wake_batch_(std::max<std::size_t>(1, capacity / 4)),
-        space_chunk_(std::max<std::size_t>(1, capacity / 8)),
-        fairness_frees_(16 * capacity) {}
+      : wake_batch_(std::max<std::size_t>(1, capacity / 4)), space_chunk_(std::max<std::size_t>(1, capacity / 8)) {}
 
   channel_waiter(const channel_waiter&) = delete;
   channel_waiter& operator=(const channel_waiter&) = delete;
@@ -131,68 +125,53 @@ class channel_waiter {
   /// full_mode::wait: waits until a chunk of the capacity is free, or the ring is closed. A send
   /// whose deadline passes still takes any single free slot (the caller's last try), so only its
   /// timing, never its outcome, depends on the chunk.
-  ///
-  /// One producer at a time polls on its way in (spins, then yields); a producer that finds
-  /// another one polling parks at once. With more producers than cores, polling producers are
-  /// runnable threads that share the consumer's core and take its time; one is enough to take the
-  /// space as it is freed. A parked producer that is woken without space to take (freed() woke it
-  /// because nobody was polling, or for fairness) polls too, whoever else polls.
   template <class Ring>
   [[nodiscard]] wait_outcome wait_for_space(const Ring& ring, const std::optional<steady_time>& deadline,
                                             const std::stop_token* stop) noexcept {
-    auto space = [&ring, chunk = space_chunk_] { return ring.has_space_or_closed(chunk); };
-    int expected = 0;
-    // relaxed: who polls is a hint for freed() and for this choice; parking re-checks the ring.
-    bool poll = polling_producers_.compare_exchange_strong(expected, 1, std::memory_order_relaxed);
-    for (;;) {
-      if (poll && poll_for_space(space)) return wait_outcome::ready;
-      // seq_cst: read before registering; freed() bumps it (seq_cst) before its notify_one().
-      const std::uint32_t ticket = wake_ticket_.load(std::memory_order_seq_cst);
-      auto ready = [&] { return space() || wake_ticket_.load(std::memory_order_seq_cst) != ticket; };
-      const wait_outcome outcome = block_until(not_full_, ready, deadline, stop, 0);
-      if (outcome != wait_outcome::ready || space()) return outcome;
-      // Woken to take a turn: poll, even if another producer does.
-      polling_producers_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a hint, as above
-      poll = true;
+    auto ready = [&ring, chunk = space_chunk_] { return ring.has_space_or_closed(chunk); };
+    {
+      const polling_producer polling(polling_producers_);
+      for (int pause = 1, total = 0; total < producer_spin_pauses; total += pause, pause = std::min(2 * pause, 32)) {
+        for (int i = 0; i < pause; ++i) cpu_relax();
+        if (ready()) return wait_outcome::ready;
+      }
+      for (int i = 0; i < producer_yields; ++i) {
+        std::this_thread::yield();
+        if (ready()) return wait_outcome::ready;
+      }
     }
+    return block_until(not_full_, ready, deadline, stop, 0);
   }
 
   // ---- the consumer ----------------------------------------------------------------------
 
-  /// After freeing n slots; looks once per quarter of the capacity freed. While producers are
-  /// parked, wakes one if a quarter of the ring is free and no producer is polling to take it,
-  /// and in any case once per 16 laps of the ring received while some are parked, so that a
-  /// producer that keeps the channel full does not pass a parked one over for longer. Otherwise
-  /// no wake-up: the polling producer takes the space without a system call, and the consumer
-  /// (the bottleneck when producers outnumber cores) makes none on its critical path.
-  template <class Ring>
-  void freed(const Ring& ring, std::size_t n) noexcept {
-    freed_since_look_ += n;
-    if (freed_since_look_ < wake_batch_) return;
-    freed_while_parked_ += freed_since_look_;
-    freed_since_look_ = 0;
-    // A hint (a plain load on x86): a producer registering right now is missed at most until the
-    // next look, and it re-checks the ring after registering; flush_wakes() (a fence) never misses.
-    if (!not_full_.has_waiters_after_seq_cst_write()) {
-      freed_while_parked_ = 0;
+  /// After freeing n slots: wakes one parked producer per quarter of the capacity freed, unless a
+  /// producer is polling for space right now (it will take the space without a system call, and
+  /// the consumer's futex call would only slow the bottleneck down). A quarter wake-up is skipped
+  /// that way at most three times in a row, so a parked producer waits at most one lap of the
+  /// ring longer than with a wake-up every quarter.
+  void freed(std::size_t n) noexcept {
+    freed_since_wake_ += n;
+    if (freed_since_wake_ < next_wake_) return;
+    // relaxed: a hint; a stale value only moves a wake-up by a quarter, never loses one (parked
+    // producers re-check after registering, and flush_wakes() wakes them all).
+    if (polling_producers_.load(std::memory_order_relaxed) != 0 && ++skipped_wakes_ < 4) {
+      next_wake_ += wake_batch_;
       return;
     }
-    // relaxed: a hint, as above; a stale value moves a wake-up by a quarter, never loses one.
-    const bool nobody_polls = polling_producers_.load(std::memory_order_relaxed) == 0;
-    if ((nobody_polls && ring.looks_free(wake_batch_)) || freed_while_parked_ >= fairness_frees_) {
-      freed_while_parked_ = 0;
-      // seq_cst: a woken producer's re-check reads it (see wait_for_space()).
-      wake_ticket_.fetch_add(1, std::memory_order_seq_cst);
-      not_full_.notify_one();
-    }
+    freed_since_wake_ = 0;
+    next_wake_ = wake_batch_;
+    skipped_wakes_ = 0;
+    not_full_.notify_one();
   }
 
   /// About to park or to return empty-handed: wakes every parked producer. Unconditionally (no
   /// system call when none is parked): a producer woken by an earlier notify_one() may have left
   /// with a timeout or a stop instead of sending, and nobody else would wake the rest.
   void flush_wakes() noexcept {
-    freed_since_look_ = 0;
-    freed_while_parked_ = 0;
+    freed_since_wake_ = 0;
+    next_wake_ = wake_batch_;
+    skipped_wakes_ = 0;
     not_full_.notify_all();
   }
 
@@ -276,24 +255,19 @@ class channel_waiter {
     return block_until(not_empty_, ready, deadline, stop, 0);
   }
 
-  // A producer already counted in polling_producers_: spins with exponential backoff, then yields,
-  // checking `space()` in between; it stops being counted when this returns. True if space() held.
-  template <class Space>
-  bool poll_for_space(Space& space) noexcept {
-    struct uncount {
-      std::atomic<int>& n;
-      ~uncount() { n.fetch_sub(1, std::memory_order_relaxed); }  // relaxed: a hint for freed()
-    } counted{polling_producers_};
-    for (int pause = 1, total = 0; total < producer_spin_pauses; total += pause, pause = std::min(2 * pause, 32)) {
-      for (int i = 0; i < pause; ++i) cpu_relax();
-      if (space()) return true;
+  // Counts a producer in its spin/yield phase for the scope's lifetime.
+  class polling_producer {
+   public:
+    explicit polling_producer(std::atomic<int>& n) noexcept : n_(n) {
+      n_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a hint for freed(), see there
     }
-    for (int i = 0; i < producer_yields; ++i) {
-      std::this_thread::yield();
-      if (space()) return true;
-    }
-    return false;
-  }
+    ~polling_producer() { n_.fetch_sub(1, std::memory_order_relaxed); }  // relaxed: as above
+    polling_producer(const polling_producer&) = delete;
+    polling_producer& operator=(const polling_producer&) = delete;
+
+   private:
+    std::atomic<int>& n_;
+  };
 
   // Yields; returns true once yields that let another thread run on this core (they took over
   // shared_core_yield) have come max_shared_core_yields times in a row.
@@ -321,14 +295,13 @@ class channel_waiter {
   const std::size_t wake_batch_;   // freed slots per producer wake-up: capacity / 4
   const std::size_t space_chunk_;  // free slots a waiting producer waits for: capacity / 8
   // Consumer-private (one consumer at a time): not atomic, never touched by producers.
-  alignas(cache_line) std::size_t freed_since_look_ = 0;  // freed since freed() last looked
-  std::size_t freed_while_parked_ = 0;  // freed since the last wake-up while producers were parked
-  const std::size_t fairness_frees_;    // 16 laps of the ring: see freed()
+  alignas(cache_line) std::size_t freed_since_wake_ = 0;
+  std::size_t next_wake_ = wake_batch_;  // freed_since_wake_ at which the next wake-up is due
   int consumer_spins_ = 512;
   int shared_core_yields_ = 0;  // consecutive yields during which another thread ran on this core
-  // Producers: written only on the slow path (full), read by the consumer once per quarter.
-  alignas(cache_line) std::atomic<int> polling_producers_{0};  // producers spinning/yielding for space
-  std::atomic<std::uint32_t> wake_ticket_{0};  // bumped by freed() before each notify_one()
+  int skipped_wakes_ = 0;       // quarter wake-ups skipped in a row because a producer was polling
+  // Producers between "full" and parking: written only on that slow path; read once per quarter.
+  alignas(cache_line) std::atomic<int> polling_producers_{0};
   // Each event count on its own line: producers park on not_full_, the consumer on not_empty_.
   alignas(cache_line) event_count not_full_;
   alignas(cache_line) event_count not_empty_;
