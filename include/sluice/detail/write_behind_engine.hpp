@@ -594,15 +594,18 @@ class write_behind_engine {
   // Keyed: a value taken from the intake meets its key's state.
   void absorb_locked(slot&& s, batch_buffer& b) {
     if constexpr (keyed) {
+      // A throwing user key function, Hash, KeyEqual or Key move reports the value permanent.
+      auto report_permanent = [&](const char* what) {
+        ++in_flight_;  // reported below, counted as in flight until then
+        b.failures.push_back(failure_item{
+            std::move(s.value), write_behind_failure{write_behind_reason::permanent, what + current_exception_text(), 0},
+            s.gen});
+      };
       std::optional<Key> k;
       try {
         k.emplace(options_.key_of(s.value));
       } catch (...) {
-        ++in_flight_;  // reported below, counted as in flight until then
-        b.failures.push_back(failure_item{
-            std::move(s.value),
-            write_behind_failure{write_behind_reason::permanent, "key_of threw: " + current_exception_text(), 0},
-            s.gen});
+        report_permanent("key_of threw: ");
         return;
       }
       // The user's Hash / KeyEqual and Key's move may throw (and a new map node may not be
@@ -619,11 +622,7 @@ class write_behind_engine {
           found->retry_waiting = false;
         }
       } catch (...) {
-        ++in_flight_;  // reported below, counted as in flight until then
-        b.failures.push_back(failure_item{
-            std::move(s.value),
-            write_behind_failure{write_behind_reason::permanent, "key lookup threw: " + current_exception_text(), 0},
-            s.gen});
+        report_permanent("key lookup threw: ");
         return;
       }
       auto& e = *found;
