@@ -1415,3 +1415,162 @@ TEST_CASE("reconcile_pipeline: drain wakes submitters blocked on a full intake (
   CHECK(m.succeeded == 2);
   CHECK(m.balanced());
 }
+
+// ---- claims: a worker takes several short keys in one critical section ------------------------
+
+namespace {
+
+/// Runs `n` no-op reconciles of fresh keys (from 100000 up) so a worker's recent peak run time
+/// (on the manual clock, 0 ns per run) decays far below the claim budget: it then claims up to 16.
+template <class Pipe>
+void warm_up(Pipe& p, int n = 400) {
+  for (int k = 0; k < n; ++k) REQUIRE(p.submit(item{100000 + k, 0}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+}
+
+}  // namespace
+
+TEST_CASE("reconcile_pipeline: short runs are claimed together; claimed keys count as running") {
+  hang_guard guard("claims test");
+  manual_clock clock;
+  recorder rec;
+  gate first, second;
+  mpipe::options o;
+  o.max_parallel = 1;
+  mpipe p(o, [&](const item& e, const mpipe::context& c) {
+    if (e.key == 1000) first.wait();
+    if (e.key == 1) second.wait();
+    if (e.key < 100000) rec.add(e, c);
+    return reconcile_result::done();
+  }, clock);
+  warm_up(p);
+  const auto claims_before = p.metrics().claims;
+  REQUIRE(p.submit(item{1000, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+  for (int k = 1; k <= 5; ++k) REQUIRE(p.submit(item{k, 1}) == submit_status::ok);
+  CHECK(p.metrics().queued == 5);
+  first.release();
+  // Key 1000's worker takes 1..5 in one claim; key 1 blocks, 2..5 are claimed behind it.
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 5 && p.metrics().queued == 0; }));
+  CHECK(p.metrics().claims == claims_before + 2);
+  // A claimed key is running: a newer version waits behind it (it is not merged into it)...
+  REQUIRE(p.submit(item{3, 2}) == submit_status::ok);
+  CHECK(p.metrics().waiting == 1);
+  CHECK(p.metrics().coalesced == 0);
+  // ...and cancel() stops it: it never runs, and counts cancelled.
+  const auto r = p.cancel(4);
+  CHECK(r.stop_requested);
+  CHECK_FALSE(r.removed_pending);
+  second.release();
+  REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+  const auto runs = rec.get();
+  std::vector<std::pair<int, int>> order;
+  for (const auto& x : runs) order.emplace_back(x.key, x.version);
+  const std::vector<std::pair<int, int>> expected{{1000, 1}, {1, 1}, {2, 1}, {3, 1}, {5, 1}, {3, 2}};
+  CHECK(order == expected);
+  const auto m = p.metrics();
+  CHECK(m.cancelled == 1);
+  CHECK(m.reconciled == m.succeeded + m.failed + m.requeues);
+  CHECK(m.balanced());
+}
+
+TEST_CASE("reconcile_pipeline: stop reports claimed keys that had not started; they never run") {
+  hang_guard guard("claims stop test");
+  manual_clock clock;
+  std::mutex mu;
+  std::vector<std::pair<int, sluice::pending_state>> reported;
+  std::atomic<int> runs{0};
+  gate first;
+  mpipe::options o;
+  o.max_parallel = 1;
+  o.on_unprocessed = [&](sluice::unprocessed<int, item>&& u) {
+    std::lock_guard lk(mu);
+    reported.emplace_back(u.key, u.state);
+  };
+  mpipe p(o, [&](const item& e, std::stop_token stop) {
+    if (e.key == 1000) first.wait();
+    if (e.key == 1) {
+      ++runs;
+      while (!stop.stop_requested()) std::this_thread::yield();
+      return reconcile_result::done();
+    }
+    if (e.key < 1000) ++runs;
+    return reconcile_result::done();
+  }, clock);
+  warm_up(p);
+  REQUIRE(p.submit(item{1000, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+  for (int k = 1; k <= 5; ++k) REQUIRE(p.submit(item{k, 1}) == submit_status::ok);
+  first.release();
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 5 && runs == 1; }));
+  p.stop();
+  CHECK(runs == 1);  // only key 1, which had started
+  std::lock_guard lk(mu);
+  REQUIRE(reported.size() == 4);
+  std::vector<int> keys;
+  for (const auto& [k, st] : reported) {
+    CHECK(st == sluice::pending_state::queued);
+    keys.push_back(k);
+  }
+  std::sort(keys.begin(), keys.end());
+  CHECK(keys == std::vector<int>{2, 3, 4, 5});
+  const auto m = p.metrics();
+  CHECK(m.unprocessed == 4);
+  CHECK(m.keys == 0);
+  CHECK(m.balanced());
+}
+
+TEST_CASE("reconcile_pipeline: with a reconcile_timeout a worker claims one key at a time") {
+  hang_guard guard("timed claims test");
+  manual_clock clock;
+  gate first;
+  mpipe::options o;
+  o.max_parallel = 1;
+  o.reconcile_timeout = 1h;
+  mpipe p(o, [&](const item& e, std::stop_token) {
+    if (e.key == 1) first.wait();
+    return reconcile_result::done();
+  }, clock);
+  warm_up(p);
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+  for (int k = 2; k <= 5; ++k) REQUIRE(p.submit(item{k, 1}) == submit_status::ok);
+  CHECK(p.metrics().in_flight == 1);
+  CHECK(p.metrics().queued == 4);
+  first.release();
+  REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+  const auto m = p.metrics();
+  CHECK(m.claims == m.reconciled);
+  CHECK(m.balanced());
+}
+
+TEST_CASE("reconcile_pipeline: conflict wait: a reconcile submitting a key claimed behind it does not deadlock") {
+  hang_guard guard("claims wait test");
+  manual_clock clock;
+  recorder rec;
+  gate first;
+  mpipe::options o;
+  o.max_parallel = 1;
+  o.on_conflict = sluice::conflict_strategy::wait;
+  mpipe* self = nullptr;
+  std::atomic<int> resubmit{-1};
+  mpipe p(o, [&](const item& e, const mpipe::context& c) {
+    if (e.key == 1000) first.wait();
+    if (e.key == 1) resubmit = static_cast<int>(self->submit(item{2, 2}));  // 2 is claimed behind 1
+    if (e.key < 100000) rec.add(e, c);
+    return reconcile_result::done();
+  }, clock);
+  self = &p;
+  warm_up(p);
+  REQUIRE(p.submit(item{1000, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+  for (int k = 1; k <= 3; ++k) REQUIRE(p.submit(item{k, 1}) == submit_status::ok);
+  first.release();
+  REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+  CHECK(resubmit == static_cast<int>(submit_status::ok));
+  std::vector<std::pair<int, int>> order;
+  for (const auto& x : rec.get()) order.emplace_back(x.key, x.version);
+  const std::vector<std::pair<int, int>> expected{{1000, 1}, {1, 1}, {2, 1}, {3, 1}, {2, 2}};
+  CHECK(order == expected);
+  CHECK(p.metrics().balanced());
+}

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -72,8 +73,8 @@ class reconcile_core {
     index_.set_retained(opts_.capacity);
     heap_.set_retained(opts_.capacity);
     levels_.resize(static_cast<std::size_t>(opts_.priority_levels));
-    workers_.resize(opts_.max_parallel);
-    stop_scratch_.resize(opts_.max_parallel, std::stop_source(std::nostopstate));
+    workers_ = std::vector<worker_state>(opts_.max_parallel);
+    stop_scratch_.resize(opts_.max_parallel * max_claim, std::stop_source(std::nostopstate));
     watchdog_scratch_.resize(opts_.max_parallel, std::stop_source(std::nostopstate));
     try {
       threads_.reserve(opts_.max_parallel);
@@ -148,7 +149,7 @@ class reconcile_core {
     if (n.running) {
       if (stop_running) {
         n.cancel_run = true;
-        to_stop = take_worker_stop_locked(workers_[n.worker]);
+        to_stop = take_slot_stop_locked(workers_[n.worker].slots[n.slot]);
         out.stop_requested = true;
       }
     } else {
@@ -256,7 +257,9 @@ class reconcile_core {
       if (l.head != detail::no_node) m.oldest_queued_age = std::max(m.oldest_queued_age, since(slab_[l.head].ready_at, now));
     }
     for (const worker_state& ws : workers_) {
-      if (ws.node != detail::no_node) m.longest_running = std::max(m.longest_running, since(ws.started_stamp, now));
+      // relaxed: a diagnostic; the worker writes it without the lock at each run's start.
+      const std::int64_t started = ws.current_start.load(std::memory_order_relaxed);
+      if (started != no_run) m.longest_running = std::max(m.longest_running, since(started, now));
     }
     return m;
   }
@@ -295,6 +298,7 @@ class reconcile_core {
     std::uint32_t worker = 0;
     std::uint8_t pend = pend_none;
     std::uint8_t priority = 0;
+    std::uint8_t slot = 0;  // while running: its worker's claim slot
     reconcile_reason reason = reconcile_reason::updated;
     bool running = false;
     bool cancel_run = false;
@@ -307,22 +311,45 @@ class reconcile_core {
     std::uint32_t skipped = 0;
   };
 
+  // The keys a worker claimed in one critical section (see claim_limit_locked), each with its own
+  // stop source: cancel(key) stops exactly its run.
+  static constexpr std::size_t max_claim = 16;
+  static constexpr double claim_budget_ns = 20000;
+  static constexpr std::int64_t no_run = std::numeric_limits<std::int64_t>::min();  // about one futex park-and-wake on these VMs
+
+  struct run_slot {
+    std::uint32_t node = detail::no_node;
+    const key_type* key = nullptr;  // the node's key: read by the run without the lock
+    std::optional<Entity> entity;  // the claimed version; runs from here
+    std::optional<reconcile_result> result;
+    std::optional<dead_letter<key_type, Entity>> dead;
+    std::stop_source stop;
+    std::stop_token token = stop.get_token();  // handed to the run by reference: no refcount traffic
+    time_point end{};
+    std::int64_t ready_at = 0;
+    std::int64_t start_stamp = 0;
+    std::int64_t end_stamp = 0;
+    std::uint32_t attempt = 1;
+    int priority = 0;
+    reconcile_reason reason = reconcile_reason::updated;
+    bool stop_used = false;
+    bool timed_out = false;  // set by the watchdog (slot 0 only: timed pipelines claim one key)
+    bool skipped = false;    // its stop came before its run: not run
+  };
+
   // One cache line or more per worker: a worker's run bookkeeping and its histograms are written
-  // by that worker alone (under the lock), so they do not bounce between the workers' cores.
+  // by that worker alone, so they do not bounce between the workers' cores.
   struct alignas(64) worker_state {
     // Each worker records its runs into its own histograms; metrics() merges them. Shared ones
     // moved four cache lines between cores with every reconcile (a sixth of a worker's time).
     reconcile_histogram queue_latency;
     reconcile_histogram reconcile_duration;
-    std::uint32_t node = detail::no_node;
-    std::int64_t started_stamp = 0;
-    time_point started{};  // on the Clock; read only when reconcile_timeout is set
-    std::stop_source stop;
-    std::stop_token token = stop.get_token();  // handed to each run by reference: no refcount traffic
+    std::array<run_slot, max_claim> slots;
+    std::size_t claimed = 0;  // slots in use, under the lock
+    double peak_run_ns = claim_budget_ns;  // recent longest run, decaying (1/64 per run); the worker's own
+    std::atomic<std::int64_t> current_start{no_run};  // stamp of the run in progress, or no_run
+    time_point started{};  // on the Clock, when the claim was made; read only when reconcile_timeout is set
     time_point parked_until = time_point::max();  // while parked: the deadline it will wake at
-    bool stop_used = false;
-    bool timed_out = false;
-    reconcile_reason reason = reconcile_reason::updated;
   };
 
   template <class F>
@@ -586,7 +613,9 @@ class reconcile_core {
               ++m_.discarded;
               return submit_status::discarded;
             case conflict_strategy::wait:
-              if (!(tl_self_ == this && tl_node_ == id)) {
+              // Not for a key this very worker holds (its own, or one later in its claim): waiting
+              // for it would wait for this thread. That submission coalesces behind it instead.
+              if (!(tl_self_ == this && tl_worker_ == n.worker)) {
                 if (try_only) return submit_status::busy;
                 const auto w = block_locked(lk, deadline, stop, on_stop, key_waiters_);
                 if (w != submit_status::ok) return w;
@@ -698,14 +727,26 @@ class reconcile_core {
     }
   }
 
+  // Whether queued work wakes a parked worker: one rule for the submit path and for a worker that
+  // leaves work behind after its claim.
+  // - A spinning worker takes it: no futex wake, and no second worker woken only to find nothing,
+  //   spin and park again (review r1 L9). It re-checks the queue under the lock after every spin,
+  //   so nothing is left behind, and applies this rule again after its claim.
+  // - With no worker busy: wake one.
+  // - With busy workers whose runs are short (claims of several keys): not while what is queued
+  //   is less than a claim budget's worth (they are back for it sooner than a woken worker would
+  //   arrive), nor when as many workers as the machine has cores are busy (short runs are CPU
+  //   work: more workers would only take turns on the same cores; with eight workers on two
+  //   cores, waking one per claim halved the no-op benchmark's throughput).
   void note_queued_locked(bool& wake_worker) noexcept {
     if (spinning_ > 0) {
       // relaxed: a hint for spinning workers, who re-check under the lock before acting on it.
-      work_hint_.store(1, std::memory_order_relaxed);
-      // A spinning worker takes this one: no futex wake, and no second worker woken only to find
-      // nothing, spin and park again (review r1 L9). It re-checks the queue under the lock after
-      // every spin, so nothing is left behind.
-      if (queued_ <= spinning_) return;
+      work_hint_.store(static_cast<std::uint32_t>(std::min<std::size_t>(queued_, UINT32_MAX)), std::memory_order_relaxed);
+      return;
+    }
+    if (busy_workers_ > 0 && short_runs_ &&
+        (busy_workers_ >= cores_ || static_cast<double>(queued_) * run_peak_ns_ < claim_budget_ns)) {
+      return;
     }
     if (sleeping_ > wakes_pending_) {
       ++wakes_pending_;
@@ -828,9 +869,9 @@ class reconcile_core {
   // The run's stop source, to request_stop() on after unlocking (never under the lock: that runs
   // user std::stop_callbacks inside the critical section). The worker replaces its source at its
   // next pick, so the copy targets exactly this run; a late request on a finished run is harmless.
-  [[nodiscard]] std::stop_source take_worker_stop_locked(worker_state& ws) noexcept {
-    ws.stop_used = true;
-    return ws.stop;
+  [[nodiscard]] static std::stop_source take_slot_stop_locked(run_slot& slot) noexcept {
+    slot.stop_used = true;
+    return slot.stop;
   }
 
   static void fire_stops(std::vector<std::stop_source>& v) noexcept {
@@ -840,10 +881,65 @@ class reconcile_core {
     }
   }
 
+  // Claims the next batch (under the lock): up to claim_limit_locked() keys, picked one by one in
+  // the usual order (priority, starvation bound, FIFO), each marked running from here on.
+  void claim_locked(worker_state& ws, std::size_t w, time_point now, std::int64_t stamp, std::exception_ptr& machinery) {
+    const std::size_t limit = claim_limit_locked(ws);
+    while (ws.claimed < limit) {
+      const std::uint32_t id = next_locked(now, stamp);
+      if (id == detail::no_node) break;
+      run_slot& slot = ws.slots[ws.claimed];
+      node& n = slab_[id];
+      if (slot.stop_used) {
+        try {
+          slot.stop = std::stop_source();
+          slot.token = slot.stop.get_token();
+          slot.stop_used = false;
+        } catch (...) {  // could not allocate a fresh stop state: fault, and put the key back
+          push_queued_locked(id, n);
+          machinery = std::current_exception();
+          return;
+        }
+      }
+      n.pend = pend_none;
+      n.running = true;
+      n.cancel_run = false;
+      n.worker = static_cast<std::uint32_t>(w);
+      n.slot = static_cast<std::uint8_t>(ws.claimed);
+      ++running_;
+      slot.node = id;
+      slot.key = &*n.key;  // a running node does not move (compaction skips it)
+      slot.timed_out = false;
+      slot.skipped = false;
+      slot.reason = n.reason;
+      slot.attempt = n.failures + 1;
+      slot.priority = static_cast<int>(n.priority);
+      slot.ready_at = n.ready_at;
+      slot.entity.emplace(std::move(*n.entity));
+      n.entity.reset();
+      ++ws.claimed;
+    }
+  }
+
+  // How many keys a worker claims at once: one, unless its recent runs were short. A claim of k
+  // keys takes the lock once instead of k times, so the submitter's critical sections stop
+  // bouncing the lock's cache line (and the queue's) between cores with every reconcile; with
+  // no-op reconciles that hand-off cost several times the run itself. The claimed keys count as
+  // running (exclusivity, coalescing, cancel, stop), so the batch is kept to about claim_budget_ns
+  // of work by the worker's recent peak run time: a key is never held back behind its batch for
+  // long, and slow reconciles are claimed one at a time. With a reconcile_timeout the watchdog
+  // times each run from its start, published under the lock: one at a time there too.
+  std::size_t claim_limit_locked(const worker_state& ws) const noexcept {
+    if (timed_ || queued_ <= 1) return 1;
+    const double fit = claim_budget_ns / std::max(ws.peak_run_ns, 1.0);
+    std::size_t k = fit >= static_cast<double>(max_claim) ? max_claim : static_cast<std::size_t>(fit);
+    return std::clamp<std::size_t>(std::min(k, queued_), 1, max_claim);
+  }
+
   void worker_main(std::size_t w) {
     tl_self_ = this;
+    tl_worker_ = static_cast<std::uint32_t>(w);
     worker_state& ws = workers_[w];
-    std::optional<Entity> local;  // the running version
     std::exception_ptr machinery;  // a Clock or allocation failure: faults the pipeline
     time_point now{};
     std::int64_t stamp = 0;
@@ -865,12 +961,13 @@ class reconcile_core {
     for (;;) {
       if (machinery && !fault_) fault_locked(machinery);
       if (stopping_ || fault_) break;
-      const std::uint32_t id = next_locked(now, stamp);
-      if (id == detail::no_node) {
+      claim_locked(ws, w, now, stamp, machinery);
+      if (ws.claimed == 0) {
+        if (machinery) continue;
         if (!spun && spinning_ == 0) {
           // The next submission is often microseconds away: one idle worker spins for it (no
           // futex round trip); more spinners would only burn the cores the others need.
-          spin_for_work(lk);
+          spin_for_work(lk, ws);
           spun = true;
         } else {
           park_worker_locked(lk, ws);
@@ -880,33 +977,12 @@ class reconcile_core {
         continue;
       }
       spun = false;
-      node& n = slab_[id];
-      if (ws.stop_used) {
-        try {
-          ws.stop = std::stop_source();
-          ws.token = ws.stop.get_token();
-          ws.stop_used = false;
-        } catch (...) {  // could not allocate a fresh stop state: fault, and put the key back
-          push_queued_locked(id, n);
-          machinery = std::current_exception();
-          continue;
-        }
-      }
-      n.pend = pend_none;
-      n.running = true;
-      n.cancel_run = false;
-      n.worker = static_cast<std::uint32_t>(w);
-      ++running_;
-      ws.node = id;
-      ws.started_stamp = stamp;
+      ++m_.claims;
       ws.started = now;
-      ws.timed_out = false;
-      ws.reason = n.reason;
-      ws.queue_latency.record(since(n.ready_at, stamp));
-      local.emplace(std::move(*n.entity));
-      n.entity.reset();
-      const context ctx{*n.key, n.failures + 1, n.reason, static_cast<int>(n.priority), ws.token};
       bool wake_more = false;
+      ++busy_workers_;
+      short_runs_ = ws.claimed > 1;
+      run_peak_ns_ = ws.peak_run_ns;
       if (queued_ > 0) note_queued_locked(wake_more);
       if (!heap_.empty()) {  // this worker may have been the timer watcher: keep one watching
         watch_handoff_ = false;
@@ -916,39 +992,73 @@ class reconcile_core {
       const bool wake_space = submit_waiters_ > 0 && queued_ + waiting_ <= space_threshold_;
       const bool wake_watchdog = watchdog_untimed_;
       watchdog_untimed_ = false;
+      const std::size_t batch = ws.claimed;
       lk.unlock();
       if (wake_more) work_ec_.notify_one();
       if (wake_space) submit_ec_.notify_all();
       if (wake_watchdog) watchdog_ec_.notify_all();
 
-      tl_node_ = id;
-      reconcile_result res = invoke(*local, ctx);
-      tl_node_ = detail::no_node;
-      if (res.result_kind() == reconcile_result::kind::failure || res.result_kind() == reconcile_result::kind::terminal) {
-        report_failure(ctx, res.error());
+      bool any_failed_or_timed = false;
+      for (std::size_t i = 0; i < batch; ++i) {
+        run_slot& slot = ws.slots[i];
+        // A claimed key whose stop was requested before its run began (stop(), cancel(key)) is
+        // not run: finish_locked puts it back or drops it. (The first always runs, as a single
+        // claim's key did: the watchdog times slot 0 from the claim.)
+        // stopping_hint_: stop() sets it under the lock before it requests the runs' stops, so a
+        // worker that sees its current run stopped also sees it (acquire: the order of the two).
+        if (i > 0 && (stopping_hint_.load(std::memory_order_acquire) || slot.token.stop_requested())) {
+          slot.skipped = true;
+          continue;
+        }
+        if (i > 0) read_now(false);
+        slot.start_stamp = stamp;
+        // relaxed: only metrics() reads it (longest_running), a diagnostic.
+        ws.current_start.store(stamp, std::memory_order_relaxed);
+        const context ctx{*slot.key, slot.attempt, slot.reason, slot.priority, slot.token};
+        slot.result.emplace(invoke(*slot.entity, ctx));
+        const auto k = slot.result->result_kind();
+        if (k == reconcile_result::kind::failure || k == reconcile_result::kind::terminal) {
+          report_failure(ctx, slot.result->error());
+        }
+        read_now(k == reconcile_result::kind::failure ||
+                 (k == reconcile_result::kind::requeue && slot.result->delay() > std::chrono::nanoseconds::zero()));
+        slot.end = now;
+        slot.end_stamp = stamp;
+        const double ran = static_cast<double>(since(slot.start_stamp, stamp).count());
+        ws.peak_run_ns = std::max(ran, ws.peak_run_ns - ws.peak_run_ns / 64.0);
+        any_failed_or_timed = any_failed_or_timed || k != reconcile_result::kind::done;
       }
-      const auto k = res.result_kind();
-      read_now(k == reconcile_result::kind::failure ||
-               (k == reconcile_result::kind::requeue && res.delay() > std::chrono::nanoseconds::zero()));
+      ws.current_start.store(no_run, std::memory_order_relaxed);  // relaxed: as above
+      (void)any_failed_or_timed;
 
       lk.lock();
-      std::optional<dead_letter<key_type, Entity>> dead;
       bool wake_timer = false;  // a deadline earlier than every parked worker's: wake one to watch it
-      finish_locked(ws, id, res, now, stamp, local, dead, wake_timer, machinery);
+      std::size_t dead = 0;
+      for (std::size_t i = 0; i < batch; ++i) {
+        finish_locked(ws, ws.slots[i], wake_timer, machinery);
+        if (ws.slots[i].dead) ++dead;
+      }
+      ws.claimed = 0;
+      --busy_workers_;
       const bool notify_submit = key_waiters_ > 0;
       const bool notify_idle = idle_waiters_ > 0 && ((queued_ == 0 && running_ == 0) || slab_.live() == 0 || stopping_);
-      if (dead) ++delivering_;  // stop(), drain(), wait() and wait_idle() wait for the callback too
-      if (dead || notify_submit || notify_idle || wake_timer) {
+      delivering_ += dead;  // stop(), drain(), wait() and wait_idle() wait for the callbacks too
+      if (dead > 0 || notify_submit || notify_idle || wake_timer) {
         lk.unlock();
         if (wake_timer) work_ec_.notify_one();
         if (notify_submit) submit_ec_.notify_all();
         if (notify_idle) idle_ec_.notify_all();
-        if (dead) deliver_dead_letter(std::move(*dead));
+        for (std::size_t i = 0; i < batch && dead > 0; ++i) {
+          if (ws.slots[i].dead) {
+            deliver_dead_letter(std::move(*ws.slots[i].dead));
+            ws.slots[i].dead.reset();
+          }
+        }
         lk.lock();
-        if (dead && --delivering_ == 0 && idle_waiters_ > 0) idle_ec_.notify_all();  // rare: under the lock
-        // The callback took arbitrarily long: the next run's start (its timeout, its durations)
-        // must come from a clock read after it (review r1 F3).
-        if (dead) read_now(false);
+        if (dead > 0 && (delivering_ -= dead) == 0 && idle_waiters_ > 0) idle_ec_.notify_all();  // rare: under the lock
+        // The callbacks took arbitrarily long: the next run's start (its timeout, its durations)
+        // must come from a clock read after them (review r1 F3).
+        if (dead > 0) read_now(false);
       }
     }
     // Leaving: the last worker out after a stop begun from inside a callback finishes it.
@@ -990,19 +1100,41 @@ class reconcile_core {
     }
   }
 
-  // `end`: the Clock after the run (fresh when a requeue or retry needs a deadline); `stamp`: ditto
-  // as a stamp.
-  void finish_locked(worker_state& ws, std::uint32_t id, reconcile_result& res, time_point end, std::int64_t stamp,
-                     std::optional<Entity>& local, std::optional<dead_letter<key_type, Entity>>& dead,
-                     bool& wake_timer, std::exception_ptr& machinery) noexcept {
+  // Ends one claimed key's turn: its run's outcome (slot.end: the Clock after the run, fresh when
+  // a requeue or retry needs a deadline; slot.end_stamp: ditto as a stamp), or, for a claimed key
+  // that was not run (stop() or cancel() came first), puts its version back or drops it.
+  void finish_locked(worker_state& ws, run_slot& slot, bool& wake_timer, std::exception_ptr& machinery) noexcept {
+    const std::uint32_t id = slot.node;
     node& n = slab_[id];
     n.running = false;
     --running_;
-    ws.node = detail::no_node;
-    ws.reconcile_duration.record(since(ws.started_stamp, stamp));
+    slot.node = detail::no_node;
+    if (slot.skipped) {
+      slot.skipped = false;
+      if (n.cancel_run) {
+        ++m_.cancelled;  // cancel(key) took it before it ran
+      } else if (n.pend != pend_none) {
+        ++m_.coalesced;  // a newer version is pending: it supersedes the one that never ran
+      } else {
+        n.entity.emplace(std::move(*slot.entity));  // stop(): reported as queued, as before the claim
+        n.reason = slot.reason;
+        n.ready_at = slot.ready_at;
+        push_queued_locked(id, n);
+      }
+      slot.entity.reset();
+      settle_locked(id, n);
+      return;
+    }
+    std::optional<Entity>& local = slot.entity;
+    std::optional<dead_letter<key_type, Entity>>& dead = slot.dead;
+    reconcile_result& res = *slot.result;
+    const time_point end = slot.end;
+    const std::int64_t stamp = slot.end_stamp;
+    ws.queue_latency.record(since(slot.ready_at, slot.start_stamp));
+    ws.reconcile_duration.record(since(slot.start_stamp, stamp));
     ++m_.reconciled;
     auto k = res.result_kind();
-    if (ws.timed_out) {
+    if (slot.timed_out) {
       ++m_.timeouts;
       if (k != reconcile_result::kind::terminal) k = reconcile_result::kind::failure;
     }
@@ -1012,7 +1144,7 @@ class reconcile_core {
     auto make_dead = [&](dead_letter_reason why, std::uint32_t failures) {
       ++m_.dead_lettered;  // counted even if it cannot be built: the version ends here either way
       try {
-        reconcile_error err = ws.timed_out && res.result_kind() != reconcile_result::kind::failure &&
+        reconcile_error err = slot.timed_out && res.result_kind() != reconcile_result::kind::failure &&
                                       res.result_kind() != reconcile_result::kind::terminal
                                   ? reconcile_error{"sluice::reconcile_pipeline: reconcile_timeout exceeded", nullptr}
                                   : res.take_error();
@@ -1050,14 +1182,14 @@ class reconcile_core {
           delay = res.delay();
           break;
         case reconcile_result::kind::failure: {
-          const bool escalate = ws.reason == reconcile_reason::retry_after_failure || n.failures == 0;
+          const bool escalate = slot.reason == reconcile_reason::retry_after_failure || n.failures == 0;
           const std::uint32_t f = escalate ? (n.failures == UINT32_MAX ? n.failures : n.failures + 1) : n.failures;
           if (escalate && opts_.backoff.max_retries && f > *opts_.backoff.max_retries) {
             make_dead(dead_letter_reason::retries_exhausted, f);
             n.failures = 0;
           } else {
             n.failures = f;
-            delay = std::max(backoff_delay_locked(f), ws.timed_out ? std::chrono::nanoseconds(0) : res.delay());
+            delay = std::max(backoff_delay_locked(f), slot.timed_out ? std::chrono::nanoseconds(0) : res.delay());
             next_reason = reconcile_reason::retry_after_failure;
             keep = true;
             ++m_.retries;
@@ -1101,6 +1233,13 @@ class reconcile_core {
       }
     }
     local.reset();
+    slot.result.reset();
+    settle_locked(id, n);
+  }
+
+  // After a turn: a version that waited behind the run is queued; a node with nothing pending is
+  // freed; compaction that waited for this run goes on.
+  void settle_locked(std::uint32_t id, node& n) noexcept {
     if (n.pend == pend_waiting) {
       --waiting_;
       push_queued_locked(id, n);
@@ -1119,14 +1258,22 @@ class reconcile_core {
   // — so an idle pipeline still parks right after. Ten: below the ~25 µs a futex park and wake
   // costs, and measured: a 2 µs spin parked so often that the no-op benchmark spent 25% more CPU
   // per reconcile on park/wake round trips than the old 30-60 µs spin; 10 µs was within 5% of it.
-  void spin_for_work(std::unique_lock<detail::spin_mutex>& lk) {
+  void spin_for_work(std::unique_lock<detail::spin_mutex>& lk, const worker_state& ws) {
     ++spinning_;
+    const bool batching = claim_budget_ns / std::max(ws.peak_run_ns, 1.0) >= 2.0;
     lk.unlock();
     // No yield here: on a loaded machine a yield can hand the core away for a whole time slice.
     detail::spin_budget<10000, 256> budget;
     do {
       // relaxed: only a hint (see note_queued_locked); the caller re-checks under the lock.
-      if (work_hint_.load(std::memory_order_relaxed) != 0) break;
+      if (const std::uint32_t queued = work_hint_.load(std::memory_order_relaxed); queued != 0) {
+        if (!batching) break;
+        // Short runs: let a claim's worth gather for up to a microsecond or two (a submitter
+        // queues one every ~0.1 µs when it is busy), so the claim takes the lock once for many.
+        detail::spin_budget<1500, 16> linger;
+        while (work_hint_.load(std::memory_order_relaxed) < max_claim && !linger.expired()) detail::cpu_relax();
+        break;
+      }
       detail::cpu_relax();
     } while (!budget.expired());
     lk.lock();
@@ -1181,11 +1328,12 @@ class reconcile_core {
       bool fired = false;
       for (std::size_t w = 0; w < workers_.size(); ++w) {
         worker_state& ws = workers_[w];
-        if (ws.node == detail::no_node || ws.timed_out) continue;
+        run_slot& slot = ws.slots[0];  // with a reconcile_timeout a worker claims one key at a time
+        if (slot.node == detail::no_node || slot.timed_out) continue;
         const time_point due = detail::add_ns(ws.started, timeout);
         if (due <= now) {
-          ws.timed_out = true;
-          watchdog_scratch_[w] = take_worker_stop_locked(ws);
+          slot.timed_out = true;
+          watchdog_scratch_[w] = take_slot_stop_locked(slot);
           fired = true;
         } else if (!next || due < *next) {
           next = due;
@@ -1211,8 +1359,12 @@ class reconcile_core {
     closed_ = true;
     if (stopping_) return false;
     stopping_ = true;
+    stopping_hint_.store(true, std::memory_order_release);  // release: see the worker's batch loop
     for (std::size_t w = 0; w < workers_.size(); ++w) {
-      if (workers_[w].node != detail::no_node) stop_scratch_[w] = take_worker_stop_locked(workers_[w]);
+      for (std::size_t i = 0; i < workers_[w].claimed; ++i) {
+        run_slot& slot = workers_[w].slots[i];
+        if (slot.node != detail::no_node) stop_scratch_[w * max_claim + i] = take_slot_stop_locked(slot);
+      }
     }
     return true;
   }
@@ -1291,8 +1443,14 @@ class reconcile_core {
   KeyEqual eq_;
   reconcile_fn fn_;
   double ns_per_tick_ = detail::tsc_ns_per_tick();
+  // stopping_, readable by workers between runs. Among the read-only members: workers read it once
+  // per run, and next to work_hint_ (which submitters write) it moved between cores every time.
+  std::atomic<bool> stopping_hint_{false};
 
-  mutable detail::spin_mutex mu_;
+  // The lock on a line of its own, followed by cold state: a waiter spinning on the lock word must
+  // not keep the holder's counters busy too (measured: packing the hot counters into the lock's
+  // line cost a fifth of the no-op benchmark's throughput).
+  alignas(64) mutable detail::spin_mutex mu_;
   std::mt19937_64 rng_;
   detail::node_slab<node> slab_;
   detail::slot_index index_;
@@ -1304,7 +1462,11 @@ class reconcile_core {
   reconcile_metrics m_;
   std::size_t queued_ = 0;
   std::size_t waiting_ = 0;
-  std::size_t running_ = 0;
+  std::size_t running_ = 0;       // keys claimed by workers (running, or next in a claim)
+  std::size_t busy_workers_ = 0;  // workers with a claim
+  bool short_runs_ = false;       // the latest claim took several keys (see note_queued_locked)
+  double run_peak_ns_ = claim_budget_ns;  // the latest claimer's recent peak run
+  const std::size_t cores_ = std::max(1u, std::thread::hardware_concurrency());
   std::size_t delivering_ = 0;  // on_dead_letter calls in progress (outside the lock)
   std::size_t space_threshold_ = 0;  // capacity - max(1, capacity / 4)
   std::uint32_t compact_blocker_ = detail::no_node;  // a running node compaction waits for
@@ -1322,7 +1484,7 @@ class reconcile_core {
   std::size_t spinning_ = 0;       // workers in spin_for_work()
   std::atomic<std::size_t> scheduled_hint_{0};  // heap_.size(), readable without the lock
   const bool timed_ = opts_.reconcile_timeout.has_value();
-  std::atomic<std::uint32_t> work_hint_{0};  // set when work is queued while someone spins
+  std::atomic<std::uint32_t> work_hint_{0};  // queued_, stored while someone spins
   std::size_t wakes_pending_ = 0;  // notify_one()s not yet absorbed by a waking worker
   bool watching_ = false;        // a parked worker waits for watch_deadline_
   time_point watch_deadline_{};
@@ -1342,7 +1504,7 @@ class reconcile_core {
   std::jthread watchdog_;
 
   static inline thread_local const reconcile_core* tl_self_ = nullptr;
-  static inline thread_local std::uint32_t tl_node_ = detail::no_node;
+  static inline thread_local std::uint32_t tl_worker_ = detail::no_node;  // on a worker thread: its index
 };
 
 }  // namespace sluice::detail

@@ -208,10 +208,11 @@ struct reconcile_metrics {
   std::uint64_t conflict_requeues = 0;  ///< conflict_strategy::requeue_after deferrals (each submission's and each re-deferral)
   std::uint64_t timeouts = 0;           ///< runs that overran reconcile_timeout
   std::uint64_t callback_errors = 0;    ///< exceptions thrown by on_* hooks (caught)
+  std::uint64_t claims = 0;             ///< worker critical sections that took keys (reconciled / claims: keys per claim)
   std::size_t queued = 0;               ///< ready, waiting for a worker
   std::size_t scheduled = 0;            ///< waiting for a deadline (requeues, retries, delays)
   std::size_t waiting = 0;              ///< coalesced behind a running version of the same key
-  std::size_t in_flight = 0;            ///< running now
+  std::size_t in_flight = 0;            ///< claimed by a worker: running now, or next in its claim
   std::size_t keys = 0;                 ///< keys with any state
   std::size_t max_parallel = 0;
   std::chrono::nanoseconds oldest_queued_age{0};
