@@ -727,25 +727,14 @@ class reconcile_core {
     }
   }
 
-  // Whether queued work wakes a parked worker: one rule for the submit path and for a worker that
-  // leaves work behind after its claim.
-  // - A spinning worker takes it: no futex wake, and no second worker woken only to find nothing,
-  //   spin and park again (review r1 L9). It re-checks the queue under the lock after every spin,
-  //   so nothing is left behind, and applies this rule again after its claim.
-  // - With no worker busy: wake one.
-  // - With busy workers whose runs are short (claims of several keys): not while what is queued
-  //   is less than a claim budget's worth (they are back for it sooner than a woken worker would
-  //   arrive), nor when as many workers as the machine has cores are busy (short runs are CPU
-  //   work: more workers would only take turns on the same cores; with eight workers on two
-  //   cores, waking one per claim halved the no-op benchmark's throughput).
+  // Queued work wakes a parked worker, unless one is spinning: it takes the work with no futex
+  // wake, and no second worker is woken only to find nothing, spin and park again (review r1 L9).
+  // The spinner re-checks the queue under the lock after every spin, so nothing is left behind,
+  // and after its claim it wakes another worker if it left work behind (worker_main).
   void note_queued_locked(bool& wake_worker) noexcept {
     if (spinning_ > 0) {
       // relaxed: a hint for spinning workers, who re-check under the lock before acting on it.
       work_hint_.store(static_cast<std::uint32_t>(std::min<std::size_t>(queued_, UINT32_MAX)), std::memory_order_relaxed);
-      return;
-    }
-    if (busy_workers_ > 0 && short_runs_ &&
-        (busy_workers_ >= cores_ || static_cast<double>(queued_) * run_peak_ns_ < claim_budget_ns)) {
       return;
     }
     if (sleeping_ > wakes_pending_) {
@@ -980,10 +969,12 @@ class reconcile_core {
       ++m_.claims;
       ws.started = now;
       bool wake_more = false;
-      ++busy_workers_;
-      short_runs_ = ws.claimed > 1;
-      run_peak_ns_ = ws.peak_run_ns;
-      if (queued_ > 0) note_queued_locked(wake_more);
+      // Work left behind wakes another worker if it is at least another full claim. Less than
+      // that, after a claim of short runs, this worker takes it next, within its claim budget:
+      // sooner than a woken worker would arrive, and without a third thread competing for two
+      // cores' worth of short runs (with eight workers on two cores, waking one per claim halved
+      // the no-op benchmark's throughput). A submission while nobody spins still wakes one.
+      if (queued_ > 0 && (ws.claimed == 1 || queued_ >= max_claim)) note_queued_locked(wake_more);
       if (!heap_.empty()) {  // this worker may have been the timer watcher: keep one watching
         watch_handoff_ = false;
         note_deadline_locked(heap_.top().deadline, wake_more);
@@ -1039,7 +1030,6 @@ class reconcile_core {
         if (ws.slots[i].dead) ++dead;
       }
       ws.claimed = 0;
-      --busy_workers_;
       const bool notify_submit = key_waiters_ > 0;
       const bool notify_idle = idle_waiters_ > 0 && ((queued_ == 0 && running_ == 0) || slab_.live() == 0 || stopping_);
       delivering_ += dead;  // stop(), drain(), wait() and wait_idle() wait for the callbacks too
@@ -1463,10 +1453,6 @@ class reconcile_core {
   std::size_t queued_ = 0;
   std::size_t waiting_ = 0;
   std::size_t running_ = 0;       // keys claimed by workers (running, or next in a claim)
-  std::size_t busy_workers_ = 0;  // workers with a claim
-  bool short_runs_ = false;       // the latest claim took several keys (see note_queued_locked)
-  double run_peak_ns_ = claim_budget_ns;  // the latest claimer's recent peak run
-  const std::size_t cores_ = std::max(1u, std::thread::hardware_concurrency());
   std::size_t delivering_ = 0;  // on_dead_letter calls in progress (outside the lock)
   std::size_t space_threshold_ = 0;  // capacity - max(1, capacity / 4)
   std::uint32_t compact_blocker_ = detail::no_node;  // a running node compaction waits for
