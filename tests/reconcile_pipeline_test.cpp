@@ -945,7 +945,8 @@ TEST_CASE("reconcile_pipeline: bad options throw std::invalid_argument naming th
     spipe p(o, [](const item&, std::stop_token) { return reconcile_result::done(); });
   };
   CHECK_THROWS_WITH(make([](spipe::options& o) { o.max_parallel = 0; }), Catch::Contains("max_parallel"));
-  CHECK_THROWS_WITH(make([](spipe::options& o) { o.capacity = 0; }), Catch::Contains("capacity must be >= 1, got 0"));
+  CHECK_THROWS_WITH(make([](spipe::options& o) { o.capacity = 0; }), Catch::Contains("capacity must be in [1, 1073741824], got 0"));
+  CHECK_THROWS_WITH(make([](spipe::options& o) { o.capacity = SIZE_MAX; }), Catch::Contains("capacity must be in [1, 1073741824], got"));
   CHECK_THROWS_WITH(make([](spipe::options& o) { o.priority_levels = 0; }), Catch::Contains("priority_levels"));
   CHECK_THROWS_WITH(make([](spipe::options& o) { o.starvation_limit = 0; }), Catch::Contains("starvation_limit"));
   CHECK_THROWS_WITH(make([](spipe::options& o) { o.reconcile_timeout = 0s; }), Catch::Contains("reconcile_timeout"));
@@ -1572,5 +1573,72 @@ TEST_CASE("reconcile_pipeline: conflict wait: a reconcile submitting a key claim
   for (const auto& x : rec.get()) order.emplace_back(x.key, x.version);
   const std::vector<std::pair<int, int>> expected{{1000, 1}, {1, 1}, {2, 1}, {3, 1}, {2, 2}};
   CHECK(order == expected);
+  CHECK(p.metrics().balanced());
+}
+
+TEST_CASE("reconcile_pipeline: a fan-out submit from every worker returns full instead of stalling (r1 F10a)") {
+  hang_guard guard("fan-out test");
+  std::atomic<int> next_child[3] = {0, 0, 0};
+  std::atomic<int> fulls{0}, children{0};
+  std::latch both_running(2);
+  spipe::options o;
+  o.max_parallel = 2;
+  o.capacity = 1;
+  o.backoff.base = 1us;
+  o.backoff.max = 1us;
+  spipe* self = nullptr;
+  // A fresh pipeline claims one key at a time, so the two parents run on the two workers.
+  spipe p(o, [&](const item& e, const spipe::context& c) {
+    if (e.key >= 10) {
+      ++children;
+      return reconcile_result::done();
+    }
+    if (c.attempt == 1) both_running.arrive_and_wait();
+    while (next_child[e.key] < 5) {
+      const auto st = self->submit(item{e.key * 10 + next_child[e.key], 1});
+      if (st == submit_status::full) {  // every other worker is blocked the same way: retry later
+        ++fulls;
+        return reconcile_result::failure("intake full");
+      }
+      REQUIRE(st == submit_status::ok);
+      ++next_child[e.key];
+    }
+    return reconcile_result::done();
+  });
+  self = &p;
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(p.submit(item{2, 1}) == submit_status::ok);
+  p.wait_idle();
+  CHECK(children == 10);
+  CHECK(fulls >= 1);
+  const auto m = p.metrics();
+  CHECK(m.failed == static_cast<std::uint64_t>(fulls.load()));
+  CHECK(m.balanced());
+}
+
+TEST_CASE("reconcile_pipeline: conflict wait: two reconciles submitting each other's keys do not deadlock (r1 F10b)") {
+  hang_guard guard("cross-submit test");
+  recorder rec;
+  std::latch both_running(2);
+  std::atomic<int> statuses_ok{0};
+  mpipe::options o;
+  o.max_parallel = 2;
+  o.on_conflict = sluice::conflict_strategy::wait;
+  manual_clock clock;
+  mpipe* self = nullptr;
+  mpipe p(o, [&](const item& e, const mpipe::context& c) {
+    rec.add(e, c);
+    if (e.version == 1) {
+      both_running.arrive_and_wait();
+      if (self->submit(item{3 - e.key, 2}) == submit_status::ok) ++statuses_ok;  // the other, running key
+    }
+    return reconcile_result::done();
+  }, clock);
+  self = &p;
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(p.submit(item{2, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+  CHECK(statuses_ok == 2);
+  CHECK(rec.size() == 4);  // each key ran its first version, then the one the other submitted
   CHECK(p.metrics().balanced());
 }

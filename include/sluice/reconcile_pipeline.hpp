@@ -38,8 +38,8 @@
 //   duplicated, no polling), discard (submit returns `discarded`; the entity stays with the
 //   caller), requeue_after (scheduled conflict_delay later, re-deferred while still running),
 //   wait (the submitting thread blocks until the run ends, holding no worker; try_submit returns
-//   `busy`; a reconcile re-submitting its own key, or one claimed behind it, is coalesced
-//   instead of deadlocking).
+//   `busy`; a submission from inside a callback on a worker is coalesced instead: it could
+//   otherwise wait for its own worker, or for one waiting back for it).
 // - Results: done (success: the key's backoff is forgotten); requeue_after(d) (success and look
 //   again after d; counted as a requested requeue, never as a retry); failure (returned, or any
 //   exception thrown) is retried after the key's backoff delay; terminal (no retry). The failure +
@@ -119,10 +119,11 @@ class reconcile_pipeline : private detail::reconcile_core<Entity, KeyFn, Clock, 
   // try_submit_for(e, d, opts), try_submit_until(e, tp, opts) -> submit_status.
   // Every form leaves `e` (an rvalue) untouched unless it returns ok. Thread-safe. May block (not
   // the try_ forms). May allocate (a new key's state). Exceptions from KeyFn, Hash or KeyEqual
-  // propagate, with nothing changed. From inside a reconcile (or another callback of this
-  // pipeline) use the try_ forms only: a blocking submit there waits for intake room that only
-  // the workers free (and with conflict_strategy::wait, for another key whose reconcile may be
-  // submitting back to this one), so it can stall every worker until stop() (not detected).
+  // propagate, with nothing changed. From inside a callback on one of the pipeline's workers a
+  // blocking submit never waits for itself: conflict_strategy::wait coalesces behind the running
+  // key instead, and a full intake blocks it only while some other worker is free to make room;
+  // when every other worker is blocked the same way it returns `full` (the reconcile can fail and
+  // be retried) instead of stalling the pipeline.
   using core::submit;
   using core::try_submit;
   using core::try_submit_for;

@@ -105,10 +105,8 @@ class reconcile_core {
   // Every form leaves `e` untouched unless it returns ok. Thread-safe. May block (not the try_
   // forms). May allocate (a new key's state). Exceptions from KeyFn, Hash or KeyEqual propagate,
   // with nothing changed.
-  // From inside a reconcile (or another callback of this pipeline) use the try_ forms only: a
-  // blocking submit there waits for intake room that only the workers free (and with
-  // conflict_strategy::wait, for another key whose reconcile may be submitting back to this one),
-  // so it can stall every worker until stop() (review r1 F10; not detected).
+  // From a callback on one of this pipeline's workers, a blocking form never waits for itself
+  // (review r1 F10): see would_stall_locked() and the conflict_strategy::wait case.
 
   [[nodiscard]] submit_status submit(Entity&& e, const submit_options& so = {}) {
     return submit_impl(e, so, std::nullopt, nullptr, false);
@@ -392,7 +390,10 @@ class reconcile_core {
     if (opts_.max_parallel < 1 || opts_.max_parallel > 65535) {
       throw std::invalid_argument(who + "max_parallel must be in [1, 65535], got " + std::to_string(opts_.max_parallel));
     }
-    if (opts_.capacity < 1) throw std::invalid_argument(who + "capacity must be >= 1, got 0");
+    // Key states are numbered with 32 bits, and capacity sizes the tables kept when idle (r1 L7).
+    if (const std::size_t capacity = opts_.capacity; capacity == 0 || capacity > (std::size_t{1} << 30)) {
+      throw std::invalid_argument(who + "capacity must be in [1, 1073741824], got " + std::to_string(capacity));
+    }
     if (opts_.priority_levels < 1 || opts_.priority_levels > 255) {
       throw std::invalid_argument(who + "priority_levels must be in [1, 255], got " + std::to_string(opts_.priority_levels));
     }
@@ -613,9 +614,10 @@ class reconcile_core {
               ++m_.discarded;
               return submit_status::discarded;
             case conflict_strategy::wait:
-              // Not for a key this very worker holds (its own, or one later in its claim): waiting
-              // for it would wait for this thread. That submission coalesces behind it instead.
-              if (!(tl_self_ == this && tl_worker_ == n.worker)) {
+              // Not from inside a callback on one of this pipeline's workers: the key may be this
+              // worker's own (or one later in its claim), or its worker may be waiting back for
+              // this one's key (review r1 F10b). Such a submission coalesces behind the run.
+              if (!on_own_worker()) {
                 if (try_only) return submit_status::busy;
                 const auto w = block_locked(lk, deadline, stop, on_stop, key_waiters_);
                 if (w != submit_status::ok) return w;
@@ -633,16 +635,16 @@ class reconcile_core {
           }
         }
         if (n.pend == pend_none && immediate && queued_ + waiting_ >= opts_.capacity) {
-          if (try_only) return submit_status::full;
-          const auto w = block_locked(lk, deadline, stop, on_stop, submit_waiters_);
+          if (try_only || would_stall_locked()) return submit_status::full;
+          const auto w = block_for_room_locked(lk, deadline, stop, on_stop);
           if (w != submit_status::ok) return w;
           continue;
         }
         place_locked(id, n, e, immediate, due, stamp, prio, so.reason, wake_worker, wake_timer);
       } else {
         if (immediate && queued_ + waiting_ >= opts_.capacity) {
-          if (try_only) return submit_status::full;
-          const auto w = block_locked(lk, deadline, stop, on_stop, submit_waiters_);
+          if (try_only || would_stall_locked()) return submit_status::full;
+          const auto w = block_for_room_locked(lk, deadline, stop, on_stop);
           if (w != submit_status::ok) return w;
           continue;
         }
@@ -770,6 +772,26 @@ class reconcile_core {
     lk.lock();
     --counter;
     return submit_status::ok;
+  }
+
+  // On one of this pipeline's worker threads (inside one of its callbacks).
+  bool on_own_worker() const noexcept { return tl_self_ == this && tl_worker_ != detail::no_node; }
+
+  // Only workers make room in the intake. A worker blocked in a submit from its own callback makes
+  // none; once all the others are blocked so too, its wait would never end (review r1 F10a: a
+  // reconcile fanning out children through submit()). That submit returns `full` instead, with
+  // the entity left with the caller: the reconcile can fail and be retried, and its worker goes
+  // on to make room for the others.
+  bool would_stall_locked() const noexcept {
+    return on_own_worker() && workers_blocked_ + 1 >= opts_.max_parallel;
+  }
+  submit_status block_for_room_locked(std::unique_lock<detail::spin_mutex>& lk, const std::optional<time_point>& deadline,
+                                      const std::stop_token* stop, std::optional<std::stop_callback<waker>>& on_stop) {
+    const bool worker = on_own_worker();
+    if (worker) ++workers_blocked_;
+    const auto w = block_locked(lk, deadline, stop, on_stop, submit_waiters_);
+    if (worker) --workers_blocked_;
+    return w;
   }
 
   // Parks on `ec` (registered in `counter`) until notified or `deadline`. Caller loops.
@@ -1432,7 +1454,7 @@ class reconcile_core {
   Hash hash_;
   KeyEqual eq_;
   reconcile_fn fn_;
-  double ns_per_tick_ = detail::tsc_ns_per_tick();
+  double ns_per_tick_ = use_tsc ? detail::tsc_ns_per_tick() : 1.0;  // calibration spins 2 ms, once (r1 L10)
   // stopping_, readable by workers between runs. Among the read-only members: workers read it once
   // per run, and next to work_hint_ (which submitters write) it moved between cores every time.
   std::atomic<bool> stopping_hint_{false};
@@ -1476,6 +1498,7 @@ class reconcile_core {
   time_point watch_deadline_{};
   bool watch_handoff_ = false;   // a worker was woken to take the watch and has not parked yet
   std::size_t submit_waiters_ = 0;  // submitters waiting for capacity
+  std::size_t workers_blocked_ = 0;  // of them, workers inside their own callback (would_stall_locked)
   std::size_t key_waiters_ = 0;     // submitters waiting for a key to stop running (wait strategy)
   std::size_t idle_waiters_ = 0;    // stop / drain / wait / wait_idle
   std::size_t watchdog_waiters_ = 0;
