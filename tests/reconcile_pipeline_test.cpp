@@ -1642,3 +1642,45 @@ TEST_CASE("reconcile_pipeline: conflict wait: two reconciles submitting each oth
   CHECK(rec.size() == 4);  // each key ran its first version, then the one the other submitted
   CHECK(p.metrics().balanced());
 }
+
+TEST_CASE("reconcile_pipeline: wait and wait_idle have timed and stop_token forms (r1 L3)") {
+  hang_guard guard("wait family test");
+  manual_clock clock;
+  gate g;
+  mpipe::options o;
+  o.max_parallel = 1;
+  mpipe p(o, [&](const item&, std::stop_token) {
+    g.wait();
+    return reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+  {  // timed forms give up at their deadline on the pipeline's Clock
+    const auto t0 = clock.now();
+    auto idle = std::async(std::launch::async, [&] { return p.wait_idle_until(t0 + 1s); });
+    auto stopped = std::async(std::launch::async, [&] { return p.wait_until(t0 + 2s); });
+    clock.advance(1s);
+    CHECK_FALSE(idle.get());
+    clock.advance(1s);
+    CHECK_FALSE(stopped.get());
+    CHECK_FALSE(p.wait_for(0s));
+    CHECK_FALSE(p.wait_idle_for(0s));
+  }
+  {  // stop_token forms give up when the token is stopped
+    std::stop_source s1, s2;
+    auto idle = std::async(std::launch::async, [&] { return p.wait_idle(s1.get_token()); });
+    auto stopped = std::async(std::launch::async, [&] { return p.wait(s2.get_token()); });
+    s1.request_stop();
+    s2.request_stop();
+    CHECK_FALSE(idle.get());
+    CHECK_FALSE(stopped.get());
+  }
+  std::stop_source never;
+  auto stopped = std::async(std::launch::async, [&] { return p.wait(never.get_token()); });
+  g.release();
+  CHECK(p.wait_idle(never.get_token()));
+  p.stop();
+  CHECK(stopped.get());
+  CHECK(p.wait_for(0s));
+  CHECK(p.wait_until(clock.now()));
+}

@@ -147,13 +147,16 @@ class reconcile_pipeline : private detail::reconcile_core<Entity, KeyFn, Clock, 
   /// closes intake and returns false.
   using core::drain_until;
   using core::drain_for;
-  /// wait(): blocks until the pipeline has stopped (stop(), drain() or destructor) or faulted;
-  /// rethrows the fault. Thread-safe. From inside one of the pipeline's callbacks it throws
-  /// std::logic_error (it would wait for itself).
+  /// wait(), wait(stop_token), wait_for(d), wait_until(tp) -> bool: blocks until the pipeline has
+  /// stopped (stop(), drain() or destructor) or faulted; rethrows the fault; false if the timed or
+  /// stop_token form gave up first. Thread-safe. From inside one of the pipeline's callbacks it
+  /// throws std::logic_error (it would wait for itself).
   using core::wait;
-  /// wait_idle(), wait_idle_for(d), wait_idle_until(tp) -> bool: until no key has any state
-  /// (nothing queued, scheduled, waiting or running), or the pipeline stopped or faulted
-  /// (rethrown). Thread-safe. From inside a callback: std::logic_error, as wait().
+  using core::wait_for;
+  using core::wait_until;
+  /// wait_idle(), wait_idle(stop_token), wait_idle_for(d), wait_idle_until(tp) -> bool: until no
+  /// key has any state (nothing queued, scheduled, waiting or running), or the pipeline stopped or
+  /// faulted (rethrown). Thread-safe. From inside a callback: std::logic_error, as wait().
   using core::wait_idle;
   using core::wait_idle_for;
   using core::wait_idle_until;

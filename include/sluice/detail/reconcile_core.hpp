@@ -210,22 +210,25 @@ class reconcile_core {
   }
 
   /// Blocks until the pipeline has stopped (stop(), drain() or destructor) or faulted; rethrows
-  /// the fault. Thread-safe.
-  void wait() {
-    if (tl_self_ == this) throw_self_wait("wait()");
-    std::unique_lock lk(mu_);
-    while ((!finalized_ || delivering_ > 0) && !fault_) park_locked(lk, idle_ec_, idle_waiters_, std::nullopt);
-    if (fault_) std::rethrow_exception(fault_);
+  /// the fault. Thread-safe. The timed and stop_token forms return false if they gave up first.
+  void wait() { (void)wait_stopped_impl(std::nullopt, nullptr); }
+  [[nodiscard]] bool wait(std::stop_token stop) { return wait_stopped_impl(std::nullopt, &stop); }
+  template <class Rep, class Period>
+  [[nodiscard]] bool wait_for(const std::chrono::duration<Rep, Period>& d) {
+    return wait_stopped_impl(detail::add_ns(clock_.now(), detail::clamp_ns(d)), nullptr);
   }
+  [[nodiscard]] bool wait_until(time_point deadline) { return wait_stopped_impl(deadline, nullptr); }
 
   /// Blocks until no key has any state (nothing queued, scheduled, waiting or running), or the
-  /// pipeline stopped or faulted (rethrown). Thread-safe.
-  void wait_idle() { (void)wait_idle_impl(std::nullopt); }
+  /// pipeline stopped or faulted (rethrown). Thread-safe. The timed and stop_token forms return
+  /// false if they gave up first.
+  void wait_idle() { (void)wait_idle_impl(std::nullopt, nullptr); }
+  [[nodiscard]] bool wait_idle(std::stop_token stop) { return wait_idle_impl(std::nullopt, &stop); }
   template <class Rep, class Period>
   [[nodiscard]] bool wait_idle_for(const std::chrono::duration<Rep, Period>& d) {
-    return wait_idle_impl(detail::add_ns(clock_.now(), detail::clamp_ns(d)));
+    return wait_idle_impl(detail::add_ns(clock_.now(), detail::clamp_ns(d)), nullptr);
   }
-  [[nodiscard]] bool wait_idle_until(time_point deadline) { return wait_idle_impl(deadline); }
+  [[nodiscard]] bool wait_idle_until(time_point deadline) { return wait_idle_impl(deadline, nullptr); }
 
   // ---- observation ---------------------------------------------------------------------------
 
@@ -805,12 +808,27 @@ class reconcile_core {
     --counter;
   }
 
-  bool wait_idle_impl(const std::optional<time_point>& deadline) {
+  bool wait_idle_impl(const std::optional<time_point>& deadline, const std::stop_token* stop) {
     if (tl_self_ == this) throw_self_wait("wait_idle()");
+    return wait_for_state(deadline, stop, [this] { return (slab_.live() == 0 || finalized_) && delivering_ == 0; });
+  }
+
+  bool wait_stopped_impl(const std::optional<time_point>& deadline, const std::stop_token* stop) {
+    if (tl_self_ == this) throw_self_wait("wait()");
+    return wait_for_state(deadline, stop, [this] { return finalized_ && delivering_ == 0; });
+  }
+
+  // The waits of wait() and wait_idle(): until `done` (under the lock) or a fault (rethrown);
+  // false at `deadline` or when `stop` is requested.
+  template <class Done>
+  bool wait_for_state(const std::optional<time_point>& deadline, const std::stop_token* stop, Done done) {
+    std::optional<std::stop_callback<waker>> on_stop;
+    if (stop != nullptr && stop->stop_possible()) on_stop.emplace(*stop, waker{&idle_ec_});
     std::unique_lock lk(mu_);
     for (;;) {
       if (fault_) std::rethrow_exception(fault_);
-      if ((slab_.live() == 0 || finalized_) && delivering_ == 0) return true;
+      if (done()) return true;
+      if (stop != nullptr && stop->stop_requested()) return false;
       if (deadline && clock_.now() >= *deadline) return false;
       park_locked(lk, idle_ec_, idle_waiters_, deadline);
     }
