@@ -583,6 +583,12 @@ TEST_CASE("reconcile_pipeline: reconcile_timeout requests stop, counts a failure
   o.max_parallel = 1;
   o.reconcile_timeout = 1s;
   o.backoff.base = 10ms;
+  std::mutex mu;
+  std::vector<std::string> failures;  // on_failure hears of the timed-out run, though it returned done (r1 L4)
+  o.on_failure = [&](const int&, const sluice::reconcile_error& err, std::uint32_t) {
+    std::lock_guard lk(mu);
+    failures.push_back(err.message);
+  };
   mpipe p(o, [&](const item&, std::stop_token stop) {
     if (++runs == 1) {
       while (!stop.stop_requested()) std::this_thread::yield();
@@ -601,6 +607,9 @@ TEST_CASE("reconcile_pipeline: reconcile_timeout requests stop, counts a failure
   REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
   CHECK(runs == 2);
   CHECK(p.metrics().succeeded == 1);
+  std::lock_guard lk(mu);
+  REQUIRE(failures.size() == 1);
+  CHECK(failures[0].find("reconcile_timeout exceeded") != std::string::npos);
 }
 
 TEST_CASE("reconcile_pipeline: the submit family leaves the entity with the caller when it fails") {

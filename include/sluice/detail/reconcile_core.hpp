@@ -316,6 +316,7 @@ class reconcile_core {
   // stop source: cancel(key) stops exactly its run.
   static constexpr std::size_t max_claim = 16;
   static constexpr double claim_budget_ns = 20000;
+  enum : std::uint8_t { run_going, run_timed_out, run_finished };
   static constexpr std::int64_t no_run = std::numeric_limits<std::int64_t>::min();  // about one futex park-and-wake on these VMs
 
   struct run_slot {
@@ -334,7 +335,11 @@ class reconcile_core {
     int priority = 0;
     reconcile_reason reason = reconcile_reason::updated;
     bool stop_used = false;
-    bool timed_out = false;  // set by the watchdog (slot 0 only: timed pipelines claim one key)
+    bool timed_out = false;  // the run overran reconcile_timeout (decided by `ending`, below)
+    // Who ended the run first, the watchdog (timed out: the run's stop is requested) or the worker
+    // (finished in time): one exchange each, so both agree (slot 0 only: timed pipelines claim one
+    // key). The worker then reports a timed-out run to on_failure whatever it returned (r1 L4).
+    std::atomic<std::uint8_t> ending{run_going};
     bool skipped = false;    // its stop came before its run: not run
   };
 
@@ -939,6 +944,7 @@ class reconcile_core {
       slot.node = id;
       slot.key = &*n.key;  // a running node does not move (compaction skips it)
       slot.timed_out = false;
+      slot.ending.store(run_going, std::memory_order_relaxed);  // relaxed: published by the lock
       slot.skipped = false;
       slot.reason = n.reason;
       slot.attempt = n.failures + 1;
@@ -1048,8 +1054,15 @@ class reconcile_core {
         const context ctx{*slot.key, slot.attempt, slot.reason, slot.priority, slot.token};
         slot.result.emplace(invoke(*slot.entity, ctx));
         const auto k = slot.result->result_kind();
-        if (k == reconcile_result::kind::failure || k == reconcile_result::kind::terminal) {
+        const bool failed = k == reconcile_result::kind::failure || k == reconcile_result::kind::terminal;
+        if (timed_) {
+          // acq_rel: pairs with the watchdog's exchange; either it saw this end, or this sees its mark.
+          slot.timed_out = slot.ending.exchange(run_finished, std::memory_order_acq_rel) == run_timed_out;
+        }
+        if (failed) {
           report_failure(ctx, slot.result->error());
+        } else if (slot.timed_out) {
+          report_failure(ctx, reconcile_error{"sluice::reconcile_pipeline: reconcile_timeout exceeded", nullptr});
         }
         read_now(k == reconcile_result::kind::failure ||
                  (k == reconcile_result::kind::requeue && slot.result->delay() > std::chrono::nanoseconds::zero()));
@@ -1359,10 +1372,13 @@ class reconcile_core {
       for (std::size_t w = 0; w < workers_.size(); ++w) {
         worker_state& ws = workers_[w];
         run_slot& slot = ws.slots[0];  // with a reconcile_timeout a worker claims one key at a time
-        if (slot.node == detail::no_node || slot.timed_out) continue;
+        // relaxed: a hint; the exchange below decides.
+        if (slot.node == detail::no_node || slot.ending.load(std::memory_order_relaxed) != run_going) continue;
         const time_point due = detail::add_ns(ws.started, timeout);
         if (due <= now) {
-          slot.timed_out = true;
+          // acq_rel: see the worker's exchange after its run. Fails if the run finished first.
+          std::uint8_t going = run_going;
+          if (!slot.ending.compare_exchange_strong(going, run_timed_out, std::memory_order_acq_rel)) continue;
           watchdog_scratch_[w] = take_slot_stop_locked(slot);
           fired = true;
         } else if (!next || due < *next) {
