@@ -26,6 +26,15 @@ namespace sluice::detail {
 
 /// Nanoseconds per time-stamp-counter tick, measured once per process over 2 ms against
 /// std::chrono::steady_clock (both clocks run through any preemption, so the ratio holds).
+/// Starts loading a cache line the caller is about to write (a hint; a no-op where unsupported).
+inline void prefetch_for_write(const void* p) noexcept {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 1);
+#else
+  (void)p;
+#endif
+}
+
 inline double tsc_ns_per_tick() noexcept {
 #if SLUICE_DETAIL_PIPELINE_TSC
   static const double value = [] {
