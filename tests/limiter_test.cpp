@@ -387,9 +387,12 @@ TEST_CASE("limiter: each queued waiter's own bypass count is bounded (small test
     CHECK(bypasses_total <= 3 + bypasses_before_w1);  // W1's own count: total - before
   }
   CHECK(bypasses_before_w1 <= 3);
+  // W1 exists only if this thread still held the permit after its first bypasses (a release may
+  // have handed it to W0 instead, most often under a sanitizer's timing).
+  const int started = static_cast<int>(threads.size());
   held.reset();
   threads.clear();
-  CHECK(served == 2);
+  CHECK(served == started);
   CHECK(l.in_use() == 0);
   CHECK(l.waiting() == 0);
 }
