@@ -1588,7 +1588,7 @@ TEST_CASE("reconcile_pipeline: conflict wait: a reconcile submitting a key claim
 TEST_CASE("reconcile_pipeline: a fan-out submit from every worker returns full instead of stalling (r1 F10a)") {
   hang_guard guard("fan-out test");
   std::atomic<int> next_child[3] = {0, 0, 0};
-  std::atomic<int> fulls{0}, children{0};
+  std::atomic<int> fulls{0}, children{0}, unexpected{0};
   std::latch both_running(2);
   spipe::options o;
   o.max_parallel = 2;
@@ -1610,7 +1610,7 @@ TEST_CASE("reconcile_pipeline: a fan-out submit from every worker returns full i
         ++fulls;
         return reconcile_result::failure("intake full");
       }
-      REQUIRE(st == submit_status::ok);
+      if (st != submit_status::ok) ++unexpected;  // checked on the main thread (Catch2 is not thread-safe)
       ++next_child[e.key];
     }
     return reconcile_result::done();
@@ -1621,6 +1621,7 @@ TEST_CASE("reconcile_pipeline: a fan-out submit from every worker returns full i
   p.wait_idle();
   CHECK(children == 10);
   CHECK(fulls >= 1);
+  CHECK(unexpected == 0);
   CHECK(p.metrics().dead_lettered == 0);
   const auto m = p.metrics();
   CHECK(m.failed == static_cast<std::uint64_t>(fulls.load()));
