@@ -1039,7 +1039,6 @@ class reconcile_core {
       if (wake_space) submit_ec_.notify_all();
       if (wake_watchdog) watchdog_ec_.notify_all();
 
-      bool any_failed_or_timed = false;
       for (std::size_t i = 0; i < batch; ++i) {
         run_slot& slot = ws.slots[i];
         // A claimed key whose stop was requested before its run began (stop(), cancel(key)) is
@@ -1051,8 +1050,7 @@ class reconcile_core {
           slot.skipped = true;
           continue;
         }
-        if (i > 0) read_now(false);
-        slot.start_stamp = stamp;
+        slot.start_stamp = stamp;  // the previous run's end stamp (or the claim's): no second read
         // relaxed: only metrics() reads it (longest_running), a diagnostic.
         ws.current_start.store(stamp, std::memory_order_relaxed);
         const context ctx{*slot.key, slot.attempt, slot.reason, slot.priority, slot.token};
@@ -1074,10 +1072,8 @@ class reconcile_core {
         slot.end_stamp = stamp;
         const double ran = static_cast<double>(since(slot.start_stamp, stamp).count());
         ws.peak_run_ns = std::max(ran, ws.peak_run_ns - ws.peak_run_ns / 64.0);
-        any_failed_or_timed = any_failed_or_timed || k != reconcile_result::kind::done;
       }
       ws.current_start.store(no_run, std::memory_order_relaxed);  // relaxed: as above
-      (void)any_failed_or_timed;
 
       lk.lock();
       bool wake_timer = false;  // a deadline earlier than every parked worker's: wake one to watch it
