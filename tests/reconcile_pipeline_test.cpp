@@ -831,33 +831,50 @@ TEST_CASE("reconcile_pipeline: seed 000 — submissions far faster than reconcil
 }
 
 TEST_CASE("reconcile_pipeline: 1M distinct keys leave every internal table empty") {
-  SECTION("nothing left live") {
-    std::atomic<std::uint64_t> runs{0};
-    spipe::options o;
-    o.max_parallel = 2;
-    o.capacity = 4096;
-    spipe p(o, [&](const item& e, const spipe::context& c) {
-      ++runs;
-      return (e.key % 10 == 0 && c.reason != reconcile_reason::requeue_requested) ? reconcile_result::requeue_after(0s)
-                                                                                 : reconcile_result::done();
-    });
-    const int n = static_cast<int>(sluice_test::scaled(1'000'000));
-    for (int i = 0; i < n; ++i) REQUIRE(p.submit(item{i, 0}) == submit_status::ok);
-    p.wait_idle();
-    const auto s = p.internal_sizes();
-    CHECK(s.keys == 0);
-    CHECK(s.index_entries == 0);
-    CHECK(s.index_buckets <= 2 * 2 * o.capacity);  // memory back to the retained floor (capacity keys)
-    CHECK(s.slab_capacity <= o.capacity + 256);
-    CHECK(s.heap_entries == 0);
-    CHECK(s.heap_capacity <= o.capacity);
-    CHECK(s.queued == 0);
-    CHECK(s.waiting == 0);
-    auto m = p.metrics();
-    CHECK(m.submitted == static_cast<std::uint64_t>(n));
-    CHECK(m.succeeded == static_cast<std::uint64_t>(n));
-    CHECK(m.balanced());
-    CHECK(runs == static_cast<std::uint64_t>(n + n / 10));
+  // Default: up to `capacity` idle keys keep their state (keep_idle_keys); 0: none are kept, and
+  // every table is empty, not just back at its floor. Either way stop() frees everything.
+  for (const std::size_t keep : {std::size_t{4096}, std::size_t{0}}) {
+    DYNAMIC_SECTION("nothing left live, keep_idle_keys " << keep) {
+      std::atomic<std::uint64_t> runs{0};
+      spipe::options o;
+      o.max_parallel = 2;
+      o.capacity = 4096;
+      if (keep == 0) o.keep_idle_keys = 0;
+      spipe p(o, [&](const item& e, const spipe::context& c) {
+        ++runs;
+        return (e.key % 10 == 0 && c.reason != reconcile_reason::requeue_requested) ? reconcile_result::requeue_after(0s)
+                                                                                   : reconcile_result::done();
+      });
+      const int n = static_cast<int>(sluice_test::scaled(keep == 0 ? 250'000 : 1'000'000));
+      for (int i = 0; i < n; ++i) REQUIRE(p.submit(item{i, 0}) == submit_status::ok);
+      p.wait_idle();
+      const auto s = p.internal_sizes();
+      CHECK(s.keys == 0);
+      CHECK(s.idle_keys == keep);  // the first `keep` keys that went idle are the ones kept
+      CHECK(s.index_entries == s.idle_keys);
+      // Memory back to the retained floor (capacity keys, plus the idle ones; load 1/2, shrinks at 1/8).
+      CHECK(s.index_buckets <= 2 * 2 * (o.capacity + keep));
+      // Idle key states count as live: the slab compacts once it is at most half full.
+      CHECK(s.slab_capacity <= (keep == 0 ? o.capacity + 256 : 2 * o.capacity + 256));
+      CHECK(s.heap_entries == 0);
+      CHECK(s.heap_capacity <= 4 * o.capacity);  // within 4x of what must stay reserved (a slot per live state)
+      if (keep == 0) CHECK(s.heap_capacity <= o.capacity);  // released at empty, down to the floor
+      CHECK(s.queued == 0);
+      CHECK(s.waiting == 0);
+      auto m = p.metrics();
+      CHECK(m.keys == 0);
+      CHECK(m.idle_keys == keep);
+      CHECK(m.submitted == static_cast<std::uint64_t>(n));
+      CHECK(m.succeeded == static_cast<std::uint64_t>(n));
+      CHECK(m.balanced());
+      CHECK(runs == static_cast<std::uint64_t>(n + n / 10));
+      p.stop();
+      const auto after = p.internal_sizes();
+      CHECK(after.idle_keys == 0);
+      CHECK(after.index_entries == 0);
+      CHECK(after.heap_capacity <= o.capacity);
+      CHECK(p.metrics().unprocessed == 0);
+    }
   }
   // Review r1 F12: one live key (a periodic resync) pinned the slab and heap memory of every
   // burst before it. Bursts of delayed submissions (scheduled: not limited by capacity) grow the
@@ -891,11 +908,12 @@ TEST_CASE("reconcile_pipeline: 1M distinct keys leave every internal table empty
       const auto s = p.internal_sizes();
       INFO("after the burst at " << first << ": slab " << s.slab_capacity << " heap " << s.heap_capacity
                                  << " buckets " << s.index_buckets << " (peaks " << peak_slab << ", " << peak_heap << ")");
-      CHECK(s.index_entries == 1);
+      CHECK(s.index_entries == 1 + s.idle_keys);
+      CHECK(s.idle_keys <= o.capacity);
       CHECK(s.heap_entries == 1);
       CHECK(s.slab_capacity <= 2 * 256);            // the floor (capacity 64 -> one chunk) + one spare chunk
       CHECK(s.heap_capacity <= 4 * o.capacity);  // shrinks at 4x: within 4x of the floor
-      CHECK(s.index_buckets <= 2 * 2 * o.capacity);
+      CHECK(s.index_buckets <= 2 * 2 * (o.capacity + s.idle_keys));  // load 1/2, shrinks at 1/8
       CHECK(s.queued == 0);
       CHECK(s.waiting == 0);
     }
@@ -915,6 +933,117 @@ TEST_CASE("reconcile_pipeline: 1M distinct keys leave every internal table empty
     CHECK(p.metrics().unprocessed == 1);
     CHECK(p.metrics().balanced());
   }
+}
+
+// keep_idle_keys: a key whose run succeeded keeps its state for its next submission (no index or
+// slab churn per reconcile), invisible to everything but internal_sizes() and metrics().idle_keys.
+TEST_CASE("reconcile_pipeline: idle keys keep their state up to keep_idle_keys, and only after a success") {
+  manual_clock clock;
+  std::vector<std::uint32_t> attempts(8);  // per key: the attempt of its latest run (main thread reads when quiet)
+  std::atomic<int> dead{0};
+  mpipe::options o;
+  o.max_parallel = 1;
+  o.capacity = 16;
+  o.keep_idle_keys = 3;
+  o.backoff.base = 1s;
+  o.backoff.jitter = sluice::jitter_mode::none;
+  o.backoff.max_retries = 1;  // key 7 dead-letters when its retry fails
+  o.on_dead_letter = [&](sluice::dead_letter<int, item>&& d) { dead += d.key == 7 ? 1 : 100; };
+  mpipe p(o, [&](const item& e, const mpipe::context& c) {
+    attempts[static_cast<std::size_t>(e.key)] = c.attempt;
+    if (e.key == 7 || (e.key == 6 && e.version == 1)) return reconcile_result::failure("no");
+    return reconcile_result::done();
+  }, clock);
+  auto settled = [&](std::uint64_t reconciled) {
+    return eventually([&] { auto m = p.metrics(); return quiet(m) && m.reconciled == reconciled; });
+  };
+  for (int k = 0; k < 5; ++k) REQUIRE(p.submit(item{k, 1}) == submit_status::ok);
+  REQUIRE(settled(5));
+  auto s = p.internal_sizes();
+  CHECK(s.keys == 0);
+  CHECK(s.idle_keys == 3);  // the limit: keys 3 and 4 were freed
+  CHECK(s.index_entries == 3);
+  auto m = p.metrics();
+  CHECK(m.keys == 0);
+  CHECK(m.idle_keys == 3);
+  CHECK(m.balanced());
+  CHECK(p.wait_idle_for(0s));  // idle keys are idle: wait_idle does not wait for them
+
+  // A kept key comes back: its state is reused (no new index entry), and it is live again.
+  REQUIRE(p.submit(item{0, 2}) == submit_status::ok);
+  REQUIRE(settled(6));
+  s = p.internal_sizes();
+  CHECK(s.idle_keys == 3);
+  CHECK(s.index_entries == 3);
+  CHECK(attempts[0] == 1);
+
+  // cancel(key) forgets an idle key entirely (nothing pending to remove, nothing to stop).
+  const auto c = p.cancel(1);
+  CHECK_FALSE(c);
+  s = p.internal_sizes();
+  CHECK(s.idle_keys == 2);
+  CHECK(s.index_entries == 2);
+
+  // A failed run is not idle: it keeps its backoff as a scheduled retry; after its retry succeeds
+  // the key is kept, with its backoff forgotten (its next run is attempt 1 again).
+  REQUIRE(p.submit(item{6, 1}) == submit_status::ok);
+  REQUIRE(settled(7));
+  CHECK(p.metrics().scheduled == 1);
+  CHECK(p.internal_sizes().idle_keys == 2);
+  REQUIRE(p.submit(item{6, 2}) == submit_status::ok);  // replaces the scheduled retry: runs now, succeeds
+  REQUIRE(settled(8));
+  CHECK(attempts[6] == 2);
+  CHECK(p.internal_sizes().idle_keys == 3);
+  REQUIRE(p.submit(item{6, 3}) == submit_status::ok);
+  REQUIRE(settled(9));
+  CHECK(attempts[6] == 1);
+
+  // A dead-lettered key is freed (its key went to on_dead_letter), not kept; so is a cancelled run.
+  const auto idle_before = p.internal_sizes().idle_keys;
+  REQUIRE_FALSE(p.cancel(2));
+  REQUIRE(p.internal_sizes().idle_keys == idle_before - 1);  // room for one more idle key
+  REQUIRE(p.submit(item{7, 1}) == submit_status::ok);
+  REQUIRE(settled(10));
+  CHECK(p.metrics().scheduled == 1);
+  clock.advance(1s);
+  REQUIRE(settled(11));
+  CHECK(dead == 1);
+  s = p.internal_sizes();
+  CHECK(s.idle_keys == idle_before - 1);
+  CHECK(s.keys == 0);
+  CHECK(s.index_entries == s.idle_keys);
+  CHECK(p.metrics().balanced());
+
+  // stop() frees every idle key.
+  p.stop();
+  s = p.internal_sizes();
+  CHECK(s.idle_keys == 0);
+  CHECK(s.index_entries == 0);
+  CHECK(p.metrics().idle_keys == 0);
+  CHECK(p.metrics().unprocessed == 0);
+}
+
+TEST_CASE("reconcile_pipeline: a run cancelled while running does not keep its key") {
+  gate g;
+  std::atomic<int> started{0};
+  spipe::options o;
+  o.max_parallel = 1;
+  spipe p(o, [&](const item&, std::stop_token) {
+    ++started;
+    g.wait();
+    return reconcile_result::done();  // done() after cancel: counted succeeded, key forgotten
+  });
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return started.load() == 1; }));
+  const auto c = p.cancel(1);
+  CHECK(c.stop_requested);
+  g.release();
+  REQUIRE(eventually([&] { return quiet(p.metrics()) && p.metrics().reconciled == 1; }));
+  const auto s = p.internal_sizes();
+  CHECK(s.idle_keys == 0);
+  CHECK(s.index_entries == 0);
+  CHECK(p.metrics().succeeded == 1);
+  CHECK(p.metrics().balanced());
 }
 
 TEST_CASE("reconcile_pipeline: a fault in the machinery is rethrown by wait() and shown in metrics") {
@@ -956,6 +1085,8 @@ TEST_CASE("reconcile_pipeline: bad options throw std::invalid_argument naming th
   CHECK_THROWS_WITH(make([](spipe::options& o) { o.max_parallel = 0; }), Catch::Contains("max_parallel"));
   CHECK_THROWS_WITH(make([](spipe::options& o) { o.capacity = 0; }), Catch::Contains("capacity must be in [1, 1073741824], got 0"));
   CHECK_THROWS_WITH(make([](spipe::options& o) { o.capacity = SIZE_MAX; }), Catch::Contains("capacity must be in [1, 1073741824], got"));
+  CHECK_THROWS_WITH(make([](spipe::options& o) { o.keep_idle_keys = (std::size_t{1} << 30) + 1; }),
+                    Catch::Contains("keep_idle_keys must be in [0, 1073741824], got 1073741825"));
   CHECK_THROWS_WITH(make([](spipe::options& o) { o.priority_levels = 0; }), Catch::Contains("priority_levels"));
   CHECK_THROWS_WITH(make([](spipe::options& o) { o.starvation_limit = 0; }), Catch::Contains("starvation_limit"));
   CHECK_THROWS_WITH(make([](spipe::options& o) { o.reconcile_timeout = 0s; }), Catch::Contains("reconcile_timeout"));

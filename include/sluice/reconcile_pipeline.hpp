@@ -19,7 +19,10 @@
 // - Per-key exclusivity: one key is never reconciled by two workers at once. At most one pending
 //   version per key besides the running one; memory is bounded by `capacity` (ready entities
 //   submitters may add) + max_parallel x 16 (claimed, below) + the distinct keys with a scheduled
-//   requeue — never by the submission rate.
+//   requeue — never by the submission rate — plus up to keep_idle_keys (default: capacity) idle
+//   keys: a key whose run succeeded with nothing pending keeps its state (its key, not the entity)
+//   for its next submission. cancel(key) and stop() free them; keep_idle_keys = 0 frees every key
+//   at its last run's end.
 // - Claims: a worker takes its next keys in one critical section, in dispatch order: one key, or,
 //   while its recent runs are short (recent peak run x 16 <= 20 us), up to 16 (about 20 us of
 //   work), so that short reconciles do not pay a lock hand-off between cores each. A claimed key

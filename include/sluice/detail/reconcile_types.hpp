@@ -214,6 +214,7 @@ struct reconcile_metrics {
   std::size_t waiting = 0;              ///< coalesced behind a running version of the same key
   std::size_t in_flight = 0;            ///< claimed by a worker: running now, or next in its claim
   std::size_t keys = 0;                 ///< keys with any state
+  std::size_t idle_keys = 0;            ///< key states kept after a successful last run (see keep_idle_keys)
   std::size_t max_parallel = 0;
   std::chrono::nanoseconds oldest_queued_age{0};
   std::chrono::nanoseconds longest_running{0};
@@ -243,6 +244,9 @@ struct reconcile_options {
   std::function<void(unprocessed<Key, Entity>&&)> on_unprocessed{};
   std::function<void(const Key&, const reconcile_error&, std::uint32_t attempt)> on_failure{};
   std::uint64_t jitter_seed = 0;  ///< 0: seeded from std::random_device
+  /// Keys whose last run succeeded keep their state (key, index entry; not the entity) for the
+  /// key's next submission, up to this many; unset: `capacity`; 0: none; at most 2^30.
+  std::optional<std::size_t> keep_idle_keys{};
 
   /// client-go's per-item defaults (5 ms doubling to 1000 s) with the Java Operator SDK's budget of 5.
   static backoff_options default_backoff() {
