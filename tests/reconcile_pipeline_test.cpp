@@ -736,6 +736,67 @@ TEST_CASE("reconcile_pipeline: drain runs requeues due before its deadline, then
   CHECK(p.metrics().balanced());
 }
 
+// Review r1 L3: drain had no stop_token form. drain(stop) waits for every requeue and retry,
+// however late (here: a key that requeues itself every second, forever), until stop is requested.
+TEST_CASE("reconcile_pipeline: drain(stop_token) runs requeues however late, until stop is requested") {
+  hang_guard guard("drain(stop_token)", 60s);
+  manual_clock clock;
+  std::atomic<int> runs{0};
+  std::atomic<int> reported{0};
+  mpipe::options o;
+  o.max_parallel = 1;
+  o.on_unprocessed = [&](sluice::unprocessed<int, item>&& u) {
+    if (u.key == 1 && u.state == sluice::pending_state::scheduled) ++reported;
+  };
+  mpipe p(o, [&](const item&, std::stop_token) {
+    ++runs;
+    return reconcile_result::requeue_after(1h);  // periodic: never "done"
+  }, clock);
+  REQUIRE(p.submit(item{1, 1}) == submit_status::ok);
+  REQUIRE(eventually([&] { return runs.load() == 1 && p.metrics().scheduled == 1; }));
+  std::stop_source source;
+  auto drained = std::async(std::launch::async, [&] { return p.drain(source.get_token()); });
+  REQUIRE(eventually([&] { return p.is_closed(); }));
+  for (int i = 2; i <= 4; ++i) {  // hours pass: each requeue still runs (drain_until would have given up)
+    clock.advance(1h);
+    REQUIRE(eventually([&] { return runs.load() == i && p.metrics().scheduled == 1; }));
+  }
+  CHECK(drained.wait_for(0s) == std::future_status::timeout);  // still draining
+  source.request_stop();
+  CHECK_FALSE(drained.get());
+  CHECK(reported == 1);
+  const auto m = p.metrics();
+  CHECK(m.stopped);
+  CHECK(m.unprocessed == 1);
+  CHECK(m.balanced());
+}
+
+TEST_CASE("reconcile_pipeline: drain(stop_token) returns true once everything ran; a stopped token stops at once") {
+  {
+    spipe p({.max_parallel = 2}, [](const item&, std::stop_token) { return reconcile_result::done(); });
+    for (int i = 0; i < 1000; ++i) REQUIRE(p.submit(item{i % 37, i}) == submit_status::ok);
+    std::stop_source never;
+    CHECK(p.drain(never.get_token()));
+    CHECK(p.metrics().stopped);
+    CHECK(p.metrics().balanced());
+  }
+  {
+    manual_clock clock;
+    std::atomic<int> reported{0};
+    mpipe::options o;
+    o.max_parallel = 1;
+    o.on_unprocessed = [&](sluice::unprocessed<int, item>&&) { ++reported; };
+    mpipe p(o, [](const item&, std::stop_token) { return reconcile_result::done(); }, clock);
+    for (int i = 0; i < 5; ++i) REQUIRE(p.submit(item{i, 1}, {.delay = 1s}) == submit_status::ok);
+    std::stop_source stopped;
+    stopped.request_stop();
+    CHECK_FALSE(p.drain(stopped.get_token()));
+    CHECK(reported == 5);
+    CHECK(p.metrics().stopped);
+    CHECK(p.metrics().balanced());
+  }
+}
+
 TEST_CASE("reconcile_pipeline: drain with nothing left returns true; the destructor stops") {
   spipe p({.max_parallel = 2}, [](const item&, std::stop_token) { return reconcile_result::done(); });
   for (int i = 0; i < 1000; ++i) REQUIRE(p.submit(item{i % 37, i}) == submit_status::ok);
@@ -1044,6 +1105,79 @@ TEST_CASE("reconcile_pipeline: a run cancelled while running does not keep its k
   CHECK(s.index_entries == 0);
   CHECK(p.metrics().succeeded == 1);
   CHECK(p.metrics().balanced());
+}
+
+// Review r1 L6: an Entity's destructor is user code; it ran under the pipeline's lock when a
+// submission replaced a pending version, when cancel() dropped one, and after a done() run. An
+// entity whose destructor calls back into the pipeline deadlocked there (the hang_guard fails it).
+namespace {
+struct probe_item {
+  int key = 0;
+  int version = 0;
+  std::function<void()>* on_destroy = nullptr;  // moved along; a moved-from item calls nothing
+  probe_item(int k, int v, std::function<void()>* f) : key(k), version(v), on_destroy(f) {}
+  probe_item(probe_item&& o) noexcept : key(o.key), version(o.version), on_destroy(std::exchange(o.on_destroy, nullptr)) {}
+  probe_item& operator=(probe_item&&) = delete;
+  ~probe_item() {
+    if (on_destroy != nullptr) (*on_destroy)();
+  }
+};
+}  // namespace
+
+TEST_CASE("reconcile_pipeline: an entity's destructor runs outside the pipeline's lock (r1 L6)") {
+  hang_guard guard("entity destructor calling the pipeline", 60s);
+  using ppipe = sluice::reconcile_pipeline<probe_item, sluice::key_member<&probe_item::key>, manual_clock>;
+  manual_clock clock;
+  std::atomic<int> destroyed{0};
+  ppipe::options o;
+  o.max_parallel = 1;
+  ppipe p(o, [](const probe_item&, std::stop_token) { return reconcile_result::done(); }, clock);
+  std::function<void()> probe = [&] {
+    (void)p.metrics();  // takes the pipeline's lock: deadlocks if already held on this thread
+    ++destroyed;
+  };
+  REQUIRE(p.submit(probe_item{1, 1, &probe}, {.delay = 1h}) == submit_status::ok);
+  REQUIRE(p.submit(probe_item{1, 2, &probe}, {.delay = 1h}) == submit_status::ok);  // replaces version 1
+  CHECK(destroyed == 1);
+  CHECK(p.cancel(1).removed_pending);  // drops version 2
+  CHECK(destroyed == 2);
+  REQUIRE(p.submit(probe_item{2, 1, &probe}) == submit_status::ok);  // runs, done(): its entity ends on the worker
+  REQUIRE(eventually([&] { return destroyed.load() == 3; }));
+  CHECK(p.metrics().succeeded == 1);
+  CHECK(p.metrics().balanced());
+}
+
+// Review r1 L5: oldest_queued_age read each priority's head only; a version moved up a priority
+// joins that queue's tail with its own (older) ready time, behind younger entries.
+TEST_CASE("reconcile_pipeline: oldest_queued_age counts a version moved up a priority (r1 L5)") {
+  manual_clock clock;
+  gate g;
+  std::atomic<int> started{0};
+  mpipe::options o;
+  o.max_parallel = 1;
+  o.priority_levels = 2;
+  mpipe p(o, [&](const item& e, std::stop_token) {
+    if (e.key == 0) {
+      ++started;
+      g.wait();
+    }
+    return reconcile_result::done();
+  }, clock);
+  REQUIRE(p.submit(item{0, 1}) == submit_status::ok);  // occupies the one worker
+  REQUIRE(eventually([&] { return started.load() == 1; }));
+  REQUIRE(p.submit(item{1, 1}, {.priority = 0}) == submit_status::ok);  // ready at t
+  clock.advance(10s);
+  REQUIRE(p.submit(item{2, 1}, {.priority = 1}) == submit_status::ok);  // ready at t + 10 s
+  REQUIRE(p.submit(item{1, 2}, {.priority = 1}) == submit_status::ok);  // key 1 moves up, behind key 2
+  clock.advance(5s);
+  auto m = p.metrics();
+  CHECK(m.queued == 2);
+  CHECK(m.oldest_queued_age == 15s);  // key 1's, not the head's (10 s younger)
+  g.release();
+  REQUIRE(eventually([&] { return quiet(p.metrics()) && p.metrics().reconciled == 3; }));
+  m = p.metrics();
+  CHECK(m.oldest_queued_age == 0s);
+  CHECK(m.balanced());
 }
 
 TEST_CASE("reconcile_pipeline: a fault in the machinery is rethrown by wait() and shown in metrics") {

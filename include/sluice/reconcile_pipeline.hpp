@@ -150,6 +150,8 @@ class reconcile_pipeline : private detail::reconcile_core<Entity, KeyFn, Clock, 
   /// closes intake and returns false.
   using core::drain_until;
   using core::drain_for;
+  /// drain(stop_token) -> bool: as drain_until without a deadline, until `stop` is requested.
+  using core::drain;
   /// wait(), wait(stop_token), wait_for(d), wait_until(tp) -> bool: blocks until the pipeline has
   /// stopped (stop(), drain() or destructor) or faulted; rethrows the fault; false if the timed or
   /// stop_token form gave up first. Thread-safe. From inside one of the pipeline's callbacks it

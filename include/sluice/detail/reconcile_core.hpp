@@ -132,6 +132,7 @@ class reconcile_core {
   /// run's outcome is not retried or requeued (a done() still counts as succeeded). Thread-safe.
   cancel_result cancel(const key_type& key, bool stop_running = true) {
     const std::uint32_t h = detail::mix_hash(hash_(key));
+    std::optional<Entity> dropped;  // destroyed after the lock is released (review r1 L6)
     std::unique_lock lk(mu_);
     const std::uint32_t id = find_locked(h, key);
     cancel_result out;
@@ -139,6 +140,7 @@ class reconcile_core {
     node& n = slab_[id];
     if (n.pend != pend_none) {
       unlink_pending_locked(id, n);
+      dropped.emplace(std::move(*n.entity));
       n.entity.reset();
       ++m_.cancelled;
       out.removed_pending = true;
@@ -186,7 +188,19 @@ class reconcile_core {
   /// Closes intake, runs everything accepted (including requeues and retries falling due before
   /// `deadline`), then stop()s. Returns true if nothing was left to report. From inside a callback
   /// it only closes intake and returns false.
-  bool drain_until(time_point deadline) {
+  bool drain_until(time_point deadline) { return drain_impl(deadline, nullptr); }
+  template <class Rep, class Period>
+  bool drain_for(const std::chrono::duration<Rep, Period>& d) {
+    return drain_until(detail::add_ns(clock_.now(), detail::clamp_ns(d)));
+  }
+  /// As drain_until, without a deadline (every requeue and retry is waited for, however late),
+  /// until `stop` is requested; then stop()s. Returns true if nothing was left to report.
+  bool drain(std::stop_token stop) { return drain_impl(std::nullopt, &stop); }
+
+ private:
+  bool drain_impl(const std::optional<time_point>& deadline, const std::stop_token* stop) {
+    std::optional<std::stop_callback<waker>> on_stop;
+    if (stop != nullptr && stop->stop_possible()) on_stop.emplace(*stop, waker{&idle_ec_});
     std::unique_lock lk(mu_);
     closed_ = true;
     // Submitters parked on a full intake (or on a key, conflict_strategy::wait) return `closed`
@@ -196,19 +210,19 @@ class reconcile_core {
     for (;;) {
       if (stopping_ || fault_) break;
       const bool runnable_done = queued_ == 0 && running_ == 0 && waiting_ == 0 && delivering_ == 0;
-      if (runnable_done && (heap_.empty() || heap_.top().deadline > deadline)) break;
-      if (clock_.now() >= deadline) break;
-      park_locked(lk, idle_ec_, idle_waiters_, deadline);
+      if (runnable_done && (heap_.empty() || (deadline && heap_.top().deadline > *deadline))) break;
+      if (deadline && clock_.now() >= *deadline) break;
+      if (stop != nullptr && stop->stop_requested()) break;
+      park_locked(lk, idle_ec_, idle_waiters_, deadline, stop);
     }
     const bool complete = slab_.live() == idle_keys_ && !fault_;
     lk.unlock();
-    stop();
+    on_stop.reset();  // before stop(): its callback must not outlive this frame's waits
+    this->stop();
     return complete;
   }
-  template <class Rep, class Period>
-  bool drain_for(const std::chrono::duration<Rep, Period>& d) {
-    return drain_until(detail::add_ns(clock_.now(), detail::clamp_ns(d)));
-  }
+
+ public:
 
   /// Blocks until the pipeline has stopped (stop(), drain() or destructor) or faulted; rethrows
   /// the fault. Thread-safe. The timed and stop_token forms return false if they gave up first.
@@ -257,7 +271,11 @@ class reconcile_core {
       return m;
     }
     for (const level& l : levels_) {
-      if (l.head != detail::no_node) m.oldest_queued_age = std::max(m.oldest_queued_age, since(slab_[l.head].ready_at, now));
+      if (l.head == detail::no_node) continue;
+      // The head is the oldest, except for versions queued behind younger ones (review r1 L5).
+      const std::int64_t oldest = l.out_of_order > 0 ? std::min(slab_[l.head].ready_at, l.oldest_out_of_order)
+                                                     : slab_[l.head].ready_at;
+      m.oldest_queued_age = std::max(m.oldest_queued_age, since(oldest, now));
     }
     for (const worker_state& ws : workers_) {
       // relaxed: a diagnostic; the worker writes it without the lock at each run's start.
@@ -308,6 +326,7 @@ class reconcile_core {
     bool running = false;
     bool cancel_run = false;
     bool idle = false;  // kept after a successful run with nothing pending (see keep_idle_locked)
+    bool out_of_order = false;  // queued behind a version that became ready after it (see push_queued_locked)
   };
 
   struct level {
@@ -315,6 +334,8 @@ class reconcile_core {
     std::uint32_t tail = detail::no_node;
     std::size_t size = 0;
     std::uint32_t skipped = 0;
+    std::uint32_t out_of_order = 0;        // queued nodes with node::out_of_order
+    std::int64_t oldest_out_of_order = 0;  // the oldest ready_at among them (or older), while any
   };
 
   // The keys a worker claimed in one critical section (see claim_limit_locked), each with its own
@@ -446,6 +467,12 @@ class reconcile_core {
     n.pend = pend_queued;
     n.next = detail::no_node;
     n.prev = l.tail;
+    // A version that became ready before the tail did (moved up a priority, or put back at
+    // stop) is out of order: metrics() must not take the head's age as the oldest (r1 L5).
+    n.out_of_order = l.tail != detail::no_node && n.ready_at < slab_[l.tail].ready_at;
+    if (n.out_of_order) {
+      l.oldest_out_of_order = l.out_of_order++ == 0 ? n.ready_at : std::min(l.oldest_out_of_order, n.ready_at);
+    }
     if (l.tail != detail::no_node) slab_[l.tail].next = id; else l.head = id;
     l.tail = id;
     ++l.size;
@@ -457,6 +484,10 @@ class reconcile_core {
     if (n.prev != detail::no_node) slab_[n.prev].next = n.next; else l.head = n.next;
     if (n.next != detail::no_node) slab_[n.next].prev = n.prev; else l.tail = n.prev;
     n.prev = n.next = detail::no_node;
+    if (n.out_of_order) {
+      n.out_of_order = false;
+      --l.out_of_order;  // the oldest stays as it was (an over-estimate) until none is left
+    }
     if (--l.size == 0) l.skipped = 0;
     --queued_;
     (void)id;
@@ -561,6 +592,8 @@ class reconcile_core {
     b.cancel_run = a.cancel_run;
     b.idle = a.idle;
     a.idle = false;
+    b.out_of_order = a.out_of_order;
+    a.out_of_order = false;
     index_.replace(b.hash, from, to);
     ++relocated_;
     if (b.pend == pend_queued) {
@@ -616,6 +649,7 @@ class reconcile_core {
     const bool delayed = so.delay > std::chrono::nanoseconds::zero();
     std::int64_t stamp = stamp_now();
     time_point due = delayed ? detail::add_ns(clock_.now(), so.delay) : time_point{};
+    std::optional<Entity> replaced;  // destroyed after the lock is released (declared before it)
     std::unique_lock lk(mu_);
     // The key's bucket and the node a new key would get were last written by a worker on another
     // core (it freed them): start both misses now so they overlap (+5% in the no-op benchmark).
@@ -667,7 +701,7 @@ class reconcile_core {
           if (w != submit_status::ok) return w;
           continue;
         }
-        place_locked(id, n, e, immediate, due, stamp, prio, so.reason, wake_worker, wake_timer);
+        place_locked(id, n, e, immediate, due, stamp, prio, so.reason, wake_worker, wake_timer, replaced);
       } else {
         if (immediate && queued_ + waiting_ >= opts_.capacity) {
           if (try_only || would_stall_locked()) return submit_status::full;
@@ -683,7 +717,7 @@ class reconcile_core {
         n.key.emplace(std::move(key));  // std::move: key is not used again on this path
         n.hash = h;
         index_.insert(h, id);
-        place_locked(id, n, e, immediate, due, stamp, prio, so.reason, wake_worker, wake_timer);
+        place_locked(id, n, e, immediate, due, stamp, prio, so.reason, wake_worker, wake_timer, replaced);
       }
       ++m_.submitted;
       if (deferred) ++m_.conflict_requeues;
@@ -696,10 +730,14 @@ class reconcile_core {
 
   // Puts `e` into node `n` as its pending version, merging with one already there (dedup rule).
   // `immediate`: due now; else due at `due` (on the Clock). `stamp`: now, for latency.
+  // `replaced` receives the version this one replaces: the caller destroys it after unlocking
+  // (an Entity's destructor is user code; review r1 L6).
   void place_locked(std::uint32_t id, node& n, Entity& e, bool immediate, time_point due, std::int64_t stamp,
-                    std::uint8_t prio, reconcile_reason reason, bool& wake_worker, bool& wake_timer) noexcept {
+                    std::uint8_t prio, reconcile_reason reason, bool& wake_worker, bool& wake_timer,
+                    std::optional<Entity>& replaced) noexcept {
     if (n.pend != pend_none) {
       ++m_.coalesced;
+      replaced.emplace(std::move(*n.entity));
       n.entity.reset();
       n.entity.emplace(std::move(e));
       // The reason goes with the deadline that decides when the version runs (review r1 F8): a
@@ -826,9 +864,15 @@ class reconcile_core {
   }
 
   // Parks on `ec` (registered in `counter`) until notified or `deadline`. Caller loops.
+  // `stop`: its stop_callback notifies `ec`; re-checked once registered, so a stop requested
+  // between the caller's check and the registration is not slept through.
   void park_locked(std::unique_lock<detail::spin_mutex>& lk, detail::event_count& ec, std::size_t& counter,
-                   const std::optional<time_point>& deadline) {
+                   const std::optional<time_point>& deadline, const std::stop_token* stop = nullptr) {
     const auto key = ec.prepare_wait();
+    if (stop != nullptr && stop->stop_requested()) {
+      ec.cancel_wait();
+      return;
+    }
     ++counter;
     lk.unlock();
     if (deadline) clock_.wait_until(ec, key, *deadline); else clock_.wait(ec, key);
@@ -858,7 +902,7 @@ class reconcile_core {
       if (done()) return true;
       if (stop != nullptr && stop->stop_requested()) return false;
       if (deadline && clock_.now() >= *deadline) return false;
-      park_locked(lk, idle_ec_, idle_waiters_, deadline);
+      park_locked(lk, idle_ec_, idle_waiters_, deadline, stop);
     }
   }
 
@@ -1091,6 +1135,9 @@ class reconcile_core {
         slot.end_stamp = stamp;
         const double ran = static_cast<double>(since(slot.start_stamp, stamp).count());
         ws.peak_run_ns = std::max(ran, ws.peak_run_ns - ws.peak_run_ns / 64.0);
+        // A done() run's entity is not needed again (not retried, requeued or dead-lettered):
+        // destroyed here, not under the lock in finish_locked (user code; review r1 L6).
+        if (k == reconcile_result::kind::done && !slot.timed_out) slot.entity.reset();
       }
       ws.current_start.store(no_run, std::memory_order_relaxed);  // relaxed: as above
 
