@@ -1368,8 +1368,8 @@ class reconcile_core {
   // Keeps the state of a key whose run succeeded with nothing pending, instead of freeing it:
   // its next submission finds it in the index and reuses it as it stands. Freeing and re-creating
   // it wrote the key's index bucket and the slab's free list from both sides (the worker frees,
-  // the submitter allocates), three cache lines crossing cores per reconcile, +14% in the no-op
-  // benchmark at workers:2. An idle node is what a freed one would be (no entity, no backoff, no
+  // the submitter allocates), three cache lines crossing cores per reconcile: +25% in the no-op
+  // benchmark at workers:2 (A/B medians). An idle node is what a freed one would be (no entity, no backoff, no
   // cancel mark), except that it holds its key. Bounded by keep_idle_keys (default `capacity`,
   // the floor the tables keep anyway); cancel(key) and stop() free idle nodes; compaction moves
   // them like any other idle state. Not while stopping: finalize_locked has freed or will free
