@@ -651,8 +651,10 @@ class reconcile_core {
     time_point due = delayed ? detail::add_ns(clock_.now(), so.delay) : time_point{};
     std::optional<Entity> replaced;  // destroyed after the lock is released (declared before it)
     std::unique_lock lk(mu_);
-    // The key's bucket and the node a new key would get were last written by a worker on another
-    // core (it freed them): start both misses now so they overlap (+5% in the no-op benchmark).
+    // The key's bucket and the node a new key would get may have been last written by a worker on
+    // another core (a key kept idle is only read; a freed one was written): start both misses now
+    // so they overlap (+5% in the no-op benchmark before idle keys; an A/B without the node's
+    // prefetch after them showed no gain, so both stay).
     index_.prefetch(h);
     slab_.prefetch_next();
     for (bool first = true;; first = false) {

@@ -24,8 +24,6 @@
 
 namespace sluice::detail {
 
-/// Nanoseconds per time-stamp-counter tick, measured once per process over 2 ms against
-/// std::chrono::steady_clock (both clocks run through any preemption, so the ratio holds).
 /// Starts loading a cache line the caller is about to write (a hint; a no-op where unsupported).
 inline void prefetch_for_write(const void* p) noexcept {
 #if defined(__GNUC__) || defined(__clang__)
@@ -35,6 +33,8 @@ inline void prefetch_for_write(const void* p) noexcept {
 #endif
 }
 
+/// Nanoseconds per time-stamp-counter tick, measured once per process over 2 ms against
+/// std::chrono::steady_clock (both clocks run through any preemption, so the ratio holds).
 inline double tsc_ns_per_tick() noexcept {
 #if SLUICE_DETAIL_PIPELINE_TSC
   static const double value = [] {
