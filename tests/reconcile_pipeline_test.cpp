@@ -1961,3 +1961,48 @@ TEST_CASE("reconcile_pipeline: wait and wait_idle have timed and stop_token form
   CHECK(p.wait_for(0s));
   CHECK(p.wait_until(clock.now()));
 }
+
+TEST_CASE("reconcile_pipeline: work queued behind a run that turns out long is taken by a parked worker") {
+  // A submission made while a worker holds a claim of short runs does not wake a parked worker
+  // (the claimer takes it within its claim budget). Should that run block instead, the monitor
+  // wakes the parked worker within about a millisecond of real time. The manual clock is never
+  // advanced: the bound must not depend on the Clock.
+  hang_guard guard("monitor test", 60s);
+  manual_clock clock;
+  std::atomic<int> probe_runs{0};
+  std::atomic<bool> blocker_running{false};
+  std::atomic<bool> release{false};
+  mpipe::options o;
+  o.max_parallel = 2;
+  mpipe p(o, [&](const item& e, const mpipe::context&) {
+    if (e.key == 1000) {
+      blocker_running = true;
+      while (!release) std::this_thread::yield();
+    } else if (e.key == 1) {
+      ++probe_runs;
+    }
+    return reconcile_result::done();
+  }, clock);
+  // Which worker claims the blocker (and whether its recent runs were short enough to skip the
+  // wake) is up to the scheduler: repeat until the monitor has had to step in, a few times.
+  int iterations = 0;
+  while (p.metrics().monitor_wakes < 3 && iterations < 200) {
+    ++iterations;
+    for (int k = 0; k < 200; ++k) REQUIRE(p.submit(item{100000 + k, iterations}) == submit_status::ok);
+    blocker_running = false;
+    release = false;
+    REQUIRE(p.submit(item{1000, iterations}) == submit_status::ok);
+    // (Keys claimed before it in the same claim stay in flight until the claim ends.)
+    REQUIRE(eventually([&] { return blocker_running.load() && p.metrics().queued == 0; }));
+    REQUIRE(clock.wait_for_waiters_for(1, 20s));  // the other worker is parked
+    const int before = probe_runs.load();
+    REQUIRE(p.submit(item{1, iterations}) == submit_status::ok);
+    // The probe runs while the blocker still blocks: the parked worker took it.
+    CHECK(eventually([&] { return probe_runs.load() == before + 1; }));
+    release = true;
+    REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+  }
+  INFO("iterations: " << iterations);
+  CHECK(p.metrics().monitor_wakes >= 3);
+  CHECK(p.metrics().balanced());
+}
