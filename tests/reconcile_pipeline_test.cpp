@@ -2006,3 +2006,111 @@ TEST_CASE("reconcile_pipeline: work queued behind a run that turns out long is t
   CHECK(p.metrics().monitor_wakes >= 3);
   CHECK(p.metrics().balanced());
 }
+
+TEST_CASE("reconcile_pipeline: keys claimed behind a run that turns out long are taken back and run") {
+  // A worker claims several short keys at once; should the first block, the monitor takes the
+  // others back (in order, to the front of the queue) and a parked worker runs them. The manual
+  // clock is never advanced: the monitor ticks on real time.
+  hang_guard guard("revoke test", 60s);
+  manual_clock clock;
+  std::mutex m;
+  std::vector<int> order;  // keys 1..3, in the order they ran
+  std::atomic<bool> blocker_running{false};
+  std::atomic<bool> hold{false};     // key 999 waits while set: the claim gathers behind it
+  std::atomic<bool> release{false};  // key 1000 waits until set
+  mpipe::options o;
+  o.max_parallel = 2;
+  mpipe p(o, [&](const item& e, const mpipe::context&) {
+    if (e.key == 999) {
+      while (hold) std::this_thread::yield();
+    } else if (e.key == 1000) {
+      blocker_running = true;
+      while (!release) std::this_thread::yield();
+    } else if (e.key >= 1 && e.key <= 3) {
+      std::lock_guard lk(m);
+      order.push_back(e.key);
+    }
+    return reconcile_result::done();
+  }, clock);
+  int iterations = 0;
+  while (p.metrics().revoked == 0 && iterations < 200) {
+    ++iterations;
+    for (int k = 0; k < 200; ++k) REQUIRE(p.submit(item{100000 + k, iterations}) == submit_status::ok);
+    REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+    {
+      std::lock_guard lk(m);
+      order.clear();
+    }
+    blocker_running = false;
+    release = false;
+    hold = true;
+    REQUIRE(p.submit(item{999, iterations}) == submit_status::ok);
+    REQUIRE(eventually([&] { return p.metrics().in_flight == 1; }));
+    // Queued while 999 runs: whoever claims next takes 1000, 1, 2, 3 together (short runs).
+    for (int k : {1000, 1, 2, 3}) REQUIRE(p.submit(item{k, iterations}) == submit_status::ok);
+    hold = false;
+    REQUIRE(eventually([&] { return blocker_running.load(); }));
+    // 1, 2 and 3 run while 1000 still blocks, in their order.
+    CHECK(eventually([&] {
+      std::lock_guard lk(m);
+      return order.size() == 3;
+    }));
+    {
+      std::lock_guard lk(m);
+      CHECK(order == std::vector<int>{1, 2, 3});
+    }
+    release = true;
+    REQUIRE(eventually([&] { return p.metrics().keys == 0; }));
+    const auto mm = p.metrics();
+    CHECK(mm.in_flight == 0);
+    CHECK(mm.queued == 0);
+  }
+  INFO("iterations: " << iterations);
+  const auto mm = p.metrics();
+  CHECK(mm.revoked > 0);
+  CHECK(mm.balanced());
+  CHECK(mm.submitted == mm.succeeded);  // nothing lost, nothing run twice
+}
+
+TEST_CASE("reconcile_pipeline: work queued during a claim does not wait for the claimer's on_dead_letter") {
+  // Found in review: a key submitted (without a wake-up) while a worker holds a claim of short
+  // runs waited for that worker's whole on_dead_letter callback while another worker slept.
+  hang_guard guard("dead-letter hand-off test", 60s);
+  manual_clock clock;  // never advanced: every run measures 0 ns, so every claim is of short runs
+  std::atomic<int> probe_runs{0};
+  std::atomic<bool> in_dead_letter{false};
+  std::atomic<bool> release{false};
+  std::atomic<int> iteration{0};
+  mpipe* self = nullptr;
+  mpipe::options o;
+  o.max_parallel = 2;
+  o.on_dead_letter = [&](sluice::dead_letter<int, item>&&) {
+    in_dead_letter = true;
+    while (!release) std::this_thread::yield();  // a slow store
+  };
+  mpipe p(o, [&](const item& e, const mpipe::context&) {
+    if (e.key == 1000) {
+      (void)self->submit(item{1, iteration.load()});  // from inside the claim: no wake-up
+      return reconcile_result::terminal("gone");
+    }
+    if (e.key == 1) ++probe_runs;
+    return reconcile_result::done();
+  }, clock);
+  self = &p;
+  warm_up(p, 2000);
+  for (int i = 1; i <= 20; ++i) {
+    iteration = i;
+    in_dead_letter = false;
+    release = false;
+    REQUIRE(clock.wait_for_waiters_for(2, 20s));  // both workers parked
+    const int before = probe_runs.load();
+    REQUIRE(p.submit(item{1000, i}) == submit_status::ok);
+    REQUIRE(eventually([&] { return in_dead_letter.load(); }));
+    // The probe runs on the other worker while on_dead_letter still blocks.
+    CHECK(eventually([&] { return probe_runs.load() == before + 1; }));
+    release = true;
+    p.wait_idle();  // includes the on_dead_letter call (the hang guard bounds it)
+  }
+  CHECK(p.metrics().dead_lettered == 20);
+  CHECK(p.metrics().balanced());
+}

@@ -18,6 +18,9 @@
 // event_count currently parked on it, so the component wakes, re-reads now() and sees what is due.
 // `wait(ec, key)` is the same without a deadline; a component that is idle must still park through
 // its clock (not on `ec` directly), so a manual clock can count it as "blocked on the clock".
+// One exception: reconcile_pipeline's monitor thread ticks on real time whatever the Clock (it
+// bounds how long work waits for a parked worker: liveness, not a schedule); a manual clock does
+// not count it.
 //
 // Convention every component follows: a Clock is a cheap copyable *handle*, held by value and taken
 // by value in constructors (`requeue_queue(..., Clock clock = Clock{})`). Copies of a manual_clock

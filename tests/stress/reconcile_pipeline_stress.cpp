@@ -43,9 +43,13 @@ std::uint64_t mix(std::uint64_t x) {
 // `wide`: 700 keys per submitter, capacity 16 and half the submissions delayed by up to 40 ms, so
 // scheduled keys pile up far beyond the slab's retained chunk and drain again: the slab compacts
 // (moves idle nodes down, releases chunks) while workers run (review r1 F12).
-void run(conflict_strategy strategy, int submitters, std::size_t max_parallel, std::uint64_t seed, bool wide = false) {
+// long_runs: runs are short (no yields), except about one in 1,024 that takes 700 µs of real time,
+// longer than the monitor's tick: claims of several keys form, and the monitor takes back the keys
+// claimed behind such a run.
+void run(conflict_strategy strategy, int submitters, std::size_t max_parallel, std::uint64_t seed, bool wide = false,
+         bool long_runs = false) {
   INFO("seed " << seed << " strategy " << static_cast<int>(strategy) << " submitters " << submitters
-               << " max_parallel " << max_parallel << " wide " << wide);
+               << " max_parallel " << max_parallel << " wide " << wide << " long_runs " << long_runs);
   const std::uint32_t keys_per_submitter = wide ? 700 : 64;
   const std::uint32_t key_count = keys_per_submitter * static_cast<std::uint32_t>(submitters);
   const std::size_t ops = sluice_test::scaled(60'000, 15) / static_cast<std::size_t>(submitters);
@@ -90,7 +94,8 @@ void run(conflict_strategy strategy, int submitters, std::size_t max_parallel, s
       }
       res = reconcile_result::requeue_after(std::chrono::milliseconds(r - 15));
     }
-    if (r % 7 == 0) std::this_thread::yield();
+    if (!long_runs && r % 7 == 0) std::this_thread::yield();
+    if (long_runs && mix(seed + e.key * 131 + e.version) % 1024 == 0) std::this_thread::sleep_for(700us);
     if (res.result_kind() == reconcile_result::kind::done) set_final(e.key, e.version);
     (void)ctx;
     busy[e.key].store(0);
@@ -132,6 +137,7 @@ void run(conflict_strategy strategy, int submitters, std::size_t max_parallel, s
 
   const auto m = p.metrics();
   INFO("key states relocated by compaction: " << p.internal_sizes().relocated);
+  INFO("claimed keys taken back by the monitor: " << m.revoked << ", its wake-ups: " << m.monitor_wakes);
   CHECK(drained);
   CHECK(overlaps == 0);
   CHECK(reorders == 0);
@@ -178,6 +184,17 @@ TEST_CASE("reconcile_pipeline stress: a key space far beyond the retained slab (
 // once: run, coalesced, cancelled or reported unprocessed. Checked: exclusivity, a key's versions
 // run in increasing order and at most once each, no run starts after stop() returned, every
 // version reported unprocessed is newer than the key's last run, and the books balance.
+TEST_CASE("reconcile_pipeline stress: runs that turn out long behind claims (the monitor takes keys back)") {
+  const auto seed = sluice_test::seed() + 1717;
+  for (auto strategy : {conflict_strategy::coalesce, conflict_strategy::wait}) {
+    for (int submitters : {1, 3}) {
+      for (std::size_t max_parallel : {std::size_t{2}, std::size_t{4}}) {
+        run(strategy, submitters, max_parallel, seed + static_cast<std::uint64_t>(submitters) * 13 + max_parallel, false, true);
+      }
+    }
+  }
+}
+
 TEST_CASE("reconcile_pipeline stress: cancel and stop race workers' claims") {
   const auto seed = sluice_test::seed() + 4242;
   for (std::size_t max_parallel : {std::size_t{1}, std::size_t{2}, std::size_t{4}}) {

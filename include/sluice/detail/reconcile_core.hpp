@@ -3,8 +3,8 @@
 // machine under one lock: per-key nodes in a slab (detail/reconcile_table.hpp), ready keys in one
 // intrusive FIFO per priority, scheduled ones in a deadline heap, workers that finish a run and pick
 // the next in one critical section, a timer keeper among the parked workers, a watchdog thread
-// for reconcile_timeout, and a monitor thread that bounds how long queued work can wait while a
-// worker sleeps (see note_queued_locked). reconcile_pipeline derives from reconcile_core
+// for reconcile_timeout, and a monitor thread that bounds how long queued or claimed work can wait
+// for a run that turned out long while a worker sleeps (see note_queued_locked, monitor_main). reconcile_pipeline derives from reconcile_core
 // privately and re-exports its public members.
 #pragma once
 
@@ -56,8 +56,9 @@ class reconcile_core {
   using context = reconcile_context<key_type>;
   using reconcile_fn = std::function<reconcile_result(const Entity&, const context&)>;
 
-  /// Starts max_parallel workers (and a watchdog thread when reconcile_timeout is set). Bad
-  /// options throw std::invalid_argument naming the field and value.
+  /// Starts max_parallel workers, and a watchdog thread when reconcile_timeout is set, else a
+  /// monitor thread when max_parallel >= 2 (monitor_main). Bad options throw
+  /// std::invalid_argument naming the field and value.
   template <class F>
   reconcile_core(options opts, F&& reconcile, Clock clock = Clock{}, KeyFn key_fn = KeyFn{},
                  Hash hash = Hash{}, KeyEqual eq = KeyEqual{})
@@ -347,6 +348,7 @@ class reconcile_core {
   static constexpr double claim_budget_ns = 20000;  // about one futex park-and-wake on these VMs
   static constexpr std::chrono::microseconds monitor_tick{500};  // see monitor_main
   enum : std::uint8_t { run_going, run_timed_out, run_finished };
+  enum : std::uint8_t { turn_waiting, turn_started, turn_revoked };
   static constexpr std::int64_t no_run = std::numeric_limits<std::int64_t>::min();
 
   struct run_slot {
@@ -371,6 +373,10 @@ class reconcile_core {
     // key). The worker then reports a timed-out run to on_failure whatever it returned (r1 L4).
     std::atomic<std::uint8_t> ending{run_going};
     bool skipped = false;    // its stop came before its run: not run
+    // Slots behind the first in a claim: whether the worker started it (turn_started) or the
+    // monitor took it back while an earlier run of the claim would not end (turn_revoked; see
+    // revoke_unstarted_locked). One exchange each, so exactly one of them owns the slot.
+    std::atomic<std::uint8_t> turn{turn_started};
   };
 
   // One cache line or more per worker: a worker's run bookkeeping and its histograms are written
@@ -384,6 +390,10 @@ class reconcile_core {
     std::size_t claimed = 0;  // slots in use, under the lock
     double peak_run_ns = claim_budget_ns;  // recent longest run, decaying (1/64 per run); the worker's own
     bool short_claim = false;  // under the lock: its claim counts in short_claims_
+    std::uint64_t claim_seq = 0;  // under the lock: m_.claims when its current claim was made
+    // Runs started, written by the worker alone at each start; the monitor reads it to tell a
+    // worker stuck in one run from one making progress.
+    std::atomic<std::uint32_t> runs_started{0};
     std::atomic<std::int64_t> current_start{no_run};  // stamp of the run in progress, or no_run
     time_point started{};  // on the Clock, when the claim was made; read only when reconcile_timeout is set
     time_point parked_until = time_point::max();  // while parked: the deadline it will wake at
@@ -480,6 +490,21 @@ class reconcile_core {
     }
     if (l.tail != detail::no_node) slab_[l.tail].next = id; else l.head = id;
     l.tail = id;
+    ++l.size;
+    ++queued_;
+  }
+
+  // Back at the front of its level: a claimed key taken back (revoke_unstarted_locked). It was
+  // ready no later than everything queued behind it when it was claimed, and what was queued
+  // since is younger, so the order by ready time still holds at the front.
+  void push_front_queued_locked(std::uint32_t id, node& n) noexcept {
+    level& l = levels_[n.priority];
+    n.pend = pend_queued;
+    n.prev = detail::no_node;
+    n.next = l.head;
+    n.out_of_order = false;
+    if (l.head != detail::no_node) slab_[l.head].prev = id; else l.tail = id;
+    l.head = id;
     ++l.size;
     ++queued_;
   }
@@ -766,7 +791,7 @@ class reconcile_core {
             ++waiting_;
           } else {
             push_queued_locked(id, n);
-            note_queued_locked(wake_worker);
+            note_queued_locked(wake_worker, short_claims_ > 0);
           }
         } else {
           n.priority = new_prio;
@@ -801,7 +826,7 @@ class reconcile_core {
       ++waiting_;
     } else {
       push_queued_locked(id, n);
-      note_queued_locked(wake_worker);
+      note_queued_locked(wake_worker, short_claims_ > 0);
     }
   }
 
@@ -810,25 +835,36 @@ class reconcile_core {
   //   to find nothing, spin and park again (review r1 L9). The spinner re-checks the queue under
   //   the lock after every spin, so nothing is left behind, and after its claim it wakes another
   //   worker if it left work behind (worker_main);
-  // - or a worker holds a claim of short runs (recent peak at most half the claim budget) and less
-  //   than a claim's worth is queued: that worker claims it within about claim_budget_ns, sooner
-  //   than a woken one would start, and no third thread competes for the cores the submitter and
-  //   the running worker use. (Measured on two vCPUs: the wake-up preempted the submitter in 41%
-  //   of all context switches; not making it took the no-op benchmark at two workers from 5.1 to
-  //   6.4 M/s.) Should a run of that claim turn out long, the monitor thread wakes a worker once
-  //   queued work has seen no claim for a whole monitor_tick, so no work waits more than about
-  //   two ticks (1 ms) behind it while a worker sleeps (monitor_main).
-  void note_queued_locked(bool& wake_worker) noexcept {
+  // - or `may_defer` (a submission: some worker holds a claim of short runs; work a claimer
+  //   leaves behind: its own claim is one of short runs) and less than a claim's worth is queued:
+  //   that claimer takes it within about claim_budget_ns, sooner than a woken worker would
+  //   start, and no third thread competes for the cores the submitter and the running worker use
+  //   (on two vCPUs the wake-up preempted the submitter in 41% of all context switches; not making
+  //   it: +25-30% at two workers, no-op runs). Should that claimer be stuck in a run that turned
+  //   out long, the monitor, armed here, wakes workers for the keys still queued a tick later and
+  //   takes back the keys claimed behind that run (monitor_main).
+  void note_queued_locked(bool& wake_worker, bool may_defer) noexcept {
     if (spinning_ > 0) {
       // relaxed: a hint for spinning workers, who re-check under the lock before acting on it.
       work_hint_.store(static_cast<std::uint32_t>(std::min<std::size_t>(queued_, UINT32_MAX)), std::memory_order_relaxed);
       return;
     }
-    if (short_claims_ > 0 && queued_ < max_claim) return;
-    if (sleeping_ > wakes_pending_) {
-      ++wakes_pending_;
-      wake_worker = true;
+    if (sleeping_ <= wakes_pending_) return;
+    if (may_defer && queued_ < max_claim) {
+      arm_monitor_locked();
+      return;
     }
+    ++wakes_pending_;
+    wake_worker = true;
+  }
+
+  // Starts the monitor ticking if it is parked with no tick: once per busy period, on the first
+  // skipped wake-up or claim of several keys. Notified under the lock, so that a preempted caller
+  // cannot leave it unarmed while the skipped work waits (the system call is rare).
+  void arm_monitor_locked() noexcept {
+    if (!monitor_untimed_) return;
+    monitor_untimed_ = false;
+    monitor_ec_.notify_all();
   }
 
   struct waker {
@@ -1021,6 +1057,7 @@ class reconcile_core {
       }
       n.pend = pend_none;
       n.running = true;
+      ++claimed_keys_;
       n.cancel_run = false;
       n.worker = static_cast<std::uint32_t>(w);
       n.slot = static_cast<std::uint8_t>(ws.claimed);
@@ -1030,6 +1067,8 @@ class reconcile_core {
       slot.timed_out = false;
       slot.ending.store(run_going, std::memory_order_relaxed);  // relaxed: published by the lock
       slot.skipped = false;
+      // relaxed: published by the lock, as `ending`.
+      slot.turn.store(ws.claimed == 0 ? turn_started : turn_waiting, std::memory_order_relaxed);
       slot.reason = n.reason;
       slot.attempt = n.failures + 1;
       slot.priority = static_cast<int>(n.priority);
@@ -1097,23 +1136,21 @@ class reconcile_core {
       }
       spun = false;
       ++m_.claims;
+      ws.claim_seq = m_.claims;
       ws.started = now;
-      // A claim of short runs lets submissions skip waking a parked worker (note_queued_locked);
-      // the monitor, if parked with no tick, starts ticking to bound that.
+      // A claim of short runs lets submissions skip waking a parked worker (note_queued_locked).
+      // A claim of several keys arms the monitor: it takes them back should the first run long.
       ws.short_claim = defers_wakes_ && claim_budget_ns / std::max(ws.peak_run_ns, 1.0) >= 2.0;
-      bool wake_monitor = false;
-      if (ws.short_claim && ++short_claims_ == 1 && monitor_untimed_) {
-        monitor_untimed_ = false;
-        wake_monitor = true;
-      }
+      if (ws.short_claim) ++short_claims_;
+      if (ws.claimed > 1) arm_monitor_locked();
       bool wake_more = false;
       // Work left behind wakes another worker if it is at least another full claim. Less than
       // that, after a claim of short runs, this worker takes it next, within its claim budget:
       // sooner than a woken worker would arrive, and without a third thread competing for two
       // cores' worth of short runs (with eight workers on two cores, waking one per claim halved
       // the no-op benchmark's throughput); the monitor bounds the wait should a run turn out
-      // long (note_queued_locked).
-      if (queued_ > 0 && (ws.claimed == 1 || queued_ >= max_claim)) note_queued_locked(wake_more);
+      // long (note_queued_locked). A claimer of runs that are not short wakes one, as before.
+      if (queued_ > 0) note_queued_locked(wake_more, ws.short_claim);
       if (!heap_.empty()) {  // this worker may have been the timer watcher: keep one watching
         watch_handoff_ = false;
         note_deadline_locked(heap_.top().deadline, wake_more);
@@ -1127,7 +1164,6 @@ class reconcile_core {
       if (wake_more) work_ec_.notify_one();
       if (wake_space) submit_ec_.notify_all();
       if (wake_watchdog) watchdog_ec_.notify_all();
-      if (wake_monitor) monitor_ec_.notify_all();
 
       for (std::size_t i = 0; i < batch; ++i) {
         run_slot& slot = ws.slots[i];
@@ -1136,10 +1172,17 @@ class reconcile_core {
         // claim's key did: the watchdog times slot 0 from the claim.)
         // stopping_hint_: stop() sets it under the lock before it requests the runs' stops, so a
         // worker that sees its current run stopped also sees it (acquire: the order of the two).
-        if (i > 0 && (stopping_hint_.load(std::memory_order_acquire) || slot.token.stop_requested())) {
-          slot.skipped = true;
-          continue;
+        if (i > 0) {
+          // acq_rel: pairs with the monitor's exchange; the loser leaves the slot alone.
+          std::uint8_t waiting = turn_waiting;
+          if (!slot.turn.compare_exchange_strong(waiting, turn_started, std::memory_order_acq_rel)) continue;
+          if (stopping_hint_.load(std::memory_order_acquire) || slot.token.stop_requested()) {
+            slot.skipped = true;
+            continue;
+          }
         }
+        // relaxed: a progress count only the monitor reads, as a hint (a worker stuck in one run).
+        ws.runs_started.store(ws.runs_started.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
         slot.start_stamp = stamp;  // the previous run's end stamp (or the claim's): no second read
         // relaxed: only metrics() reads it (longest_running), a diagnostic.
         ws.current_start.store(stamp, std::memory_order_relaxed);
@@ -1172,6 +1215,7 @@ class reconcile_core {
       bool wake_timer = false;  // a deadline earlier than every parked worker's: wake one to watch it
       std::size_t dead = 0;
       for (std::size_t i = 0; i < batch; ++i) {
+        if (ws.slots[i].node == detail::no_node) continue;  // taken back by the monitor
         finish_locked(ws, ws.slots[i], wake_timer, machinery);
         if (ws.slots[i].dead) ++dead;
       }
@@ -1183,9 +1227,14 @@ class reconcile_core {
       const bool notify_submit = key_waiters_ > 0;
       const bool notify_idle = idle_waiters_ > 0 && ((queued_ == 0 && running_ == 0) || slab_.live() == idle_keys_ || stopping_);
       delivering_ += dead;  // stop(), drain(), wait() and wait_idle() wait for the callbacks too
+      // on_dead_letter is user code of any length: work this worker would have claimed next (its
+      // wake-up skipped during the claim) goes to another worker now.
+      bool wake_other = false;
+      if (dead > 0 && queued_ > 0) note_queued_locked(wake_other, false);
       if (dead > 0 || notify_submit || notify_idle || wake_timer) {
         lk.unlock();
         if (wake_timer) work_ec_.notify_one();
+        if (wake_other) work_ec_.notify_one();
         if (notify_submit) submit_ec_.notify_all();
         if (notify_idle) idle_ec_.notify_all();
         for (std::size_t i = 0; i < batch && dead > 0; ++i) {
@@ -1516,31 +1565,99 @@ class reconcile_core {
     }
   }
 
-  // The bound on skipped wake-ups (note_queued_locked). While some worker holds a claim of short
-  // runs, the monitor wakes every monitor_tick; when work is queued, a worker sleeps with no wake
-  // on its way, and no worker has claimed anything since the previous tick, it wakes one, as a
-  // submission would have. With no such claim it parks with no tick until the next one starts
-  // (one wake-up per busy period). Ticks are real time (steady_clock), not the Clock: this is
-  // liveness, not a schedule, and a manual clock that is never advanced must not stall it.
+  // Takes back the keys a stuck worker claimed and has not started: each goes back to the front
+  // of its priority, in claim order, as it was before the claim (not counted as a dispatch again).
+  // Only keys with nothing else pending: one with a newer version waiting or scheduled behind its
+  // claim, or a cancel, stays with the claim (rare; the documented price of claims). Returns
+  // how many came back.
+  std::size_t revoke_unstarted_locked(worker_state& ws) noexcept {
+    std::size_t count = 0;
+    for (std::size_t i = ws.claimed; i-- > 1;) {  // backwards: each goes in front of the one after it
+      run_slot& slot = ws.slots[i];
+      if (slot.node == detail::no_node) continue;
+      node& n = slab_[slot.node];
+      if (n.pend != pend_none || n.cancel_run) continue;
+      // acq_rel: pairs with the worker's exchange before the run.
+      std::uint8_t waiting = turn_waiting;
+      if (!slot.turn.compare_exchange_strong(waiting, turn_revoked, std::memory_order_acq_rel)) continue;
+      const std::uint32_t id = slot.node;
+      slot.node = detail::no_node;
+      n.running = false;
+      --running_;
+      n.entity.emplace(std::move(*slot.entity));  // noexcept: Entity is nothrow move constructible (static_assert)
+      slot.entity.reset();
+      n.reason = slot.reason;
+      n.ready_at = slot.ready_at;
+      push_front_queued_locked(id, n);
+      ++m_.revoked;
+      ++count;
+    }
+    return count;
+  }
+
+  // The bound on skipped wake-ups (note_queued_locked) and on keys claimed behind a run that
+  // turns out long. Armed (arm_monitor_locked), it looks every monitor_tick of real time, and at
+  // each look compares with the previous one:
+  // - a worker still in the same run of the same claim of several keys: the keys claimed behind
+  //   that run go back to the front of the queue (revoke_unstarted_locked);
+  // - fewer keys claimed since than were queued then (a key queued a tick ago is still queued,
+  //   FIFO within its priority): as many parked workers are woken as such keys, or keys taken back.
+  // So while a worker sleeps no key waits more than about two ticks for one to take it. The
+  // monitor parks with no tick once no claim of short runs is held and no work waits for a sleeper.
+  // Ticks are real time (steady_clock), not the Clock: this is liveness, not a schedule, and a
+  // manual clock that is never advanced must not stall it (it is why this thread does not park
+  // through the Clock, and manual_clock::waiters() does not count it).
   void monitor_main() {
     tl_self_ = this;
+    struct progress {
+      std::uint64_t claim = 0;
+      std::uint32_t runs = 0;
+    };
+    std::vector<progress> seen(workers_.size());  // each worker's, at the previous look
+    std::uint64_t claimed_seen = 0;
+    std::size_t queued_seen = 0;
+    bool have_look = false;  // the previous look's snapshot is a tick old or less
+    auto look_at = std::chrono::steady_clock::time_point{};
     std::unique_lock lk(mu_);
-    std::uint64_t claims_seen = m_.claims;
     while (!stopping_ && !fault_) {
-      bool wake = false;
-      if (queued_ > 0 && sleeping_ > wakes_pending_ && m_.claims == claims_seen) {
-        ++wakes_pending_;
-        ++m_.monitor_wakes;
-        wake = true;
+      const auto now = std::chrono::steady_clock::now();
+      std::size_t wakes = 0;
+      if (have_look && now - look_at >= monitor_tick) {
+        std::size_t revoked = 0;
+        for (std::size_t w = 0; w < workers_.size(); ++w) {
+          worker_state& ws = workers_[w];
+          // relaxed: a hint; the exchange in revoke_unstarted_locked decides.
+          if (ws.claimed > 1 && ws.claim_seq == seen[w].claim && ws.runs_started.load(std::memory_order_relaxed) == seen[w].runs) {
+            revoked += revoke_unstarted_locked(ws);
+          }
+        }
+        const std::uint64_t taken = claimed_keys_ - claimed_seen;
+        const std::size_t stale = queued_seen > taken ? queued_seen - static_cast<std::size_t>(taken) : 0;
+        const std::size_t want = std::min(std::max(stale, revoked), queued_);
+        if (want > 0 && sleeping_ > wakes_pending_) {
+          wakes = std::min(want, sleeping_ - wakes_pending_);
+          wakes_pending_ += wakes;
+          m_.monitor_wakes += wakes;
+        }
       }
-      claims_seen = m_.claims;
-      const bool tick = short_claims_ > 0 || wake;
+      if (!have_look || now - look_at >= monitor_tick) {
+        for (std::size_t w = 0; w < workers_.size(); ++w) {
+          // relaxed: as above.
+          seen[w] = progress{workers_[w].claim_seq, workers_[w].runs_started.load(std::memory_order_relaxed)};
+        }
+        claimed_seen = claimed_keys_;
+        queued_seen = queued_;
+        look_at = now;
+        have_look = true;
+      }
+      const bool tick = short_claims_ > 0 || wakes > 0 || (queued_ > 0 && sleeping_ > wakes_pending_);
       monitor_untimed_ = !tick;
+      if (!tick) have_look = false;  // armed again later: its first look only takes a snapshot
       const auto key = monitor_ec_.prepare_wait();
       lk.unlock();
-      if (wake) work_ec_.notify_one();
+      for (std::size_t i = 0; i < wakes; ++i) work_ec_.notify_one();
       if (tick) {
-        (void)monitor_ec_.wait_until(key, std::chrono::steady_clock::now() + monitor_tick);
+        (void)monitor_ec_.wait_until(key, look_at + monitor_tick);
       } else {
         monitor_ec_.wait(key);
       }
@@ -1684,7 +1801,8 @@ class reconcile_core {
   // Skipped wake-ups need another worker to wake and a monitor to bound them; with a
   // reconcile_timeout each run is timed alone and every submission wakes a worker.
   const bool defers_wakes_ = opts_.max_parallel >= 2 && !opts_.reconcile_timeout.has_value();
-  bool monitor_untimed_ = false;   // the monitor is parked with no tick (no claim of short runs)
+  bool monitor_untimed_ = false;   // the monitor is parked with no tick (see monitor_main)
+  std::uint64_t claimed_keys_ = 0;  // keys taken from the queue by claims, ever (the monitor's measure)
   std::atomic<std::size_t> scheduled_hint_{0};  // heap_.size(), readable without the lock
   const bool timed_ = opts_.reconcile_timeout.has_value();
   std::atomic<std::uint32_t> work_hint_{0};  // queued_, stored while someone spins

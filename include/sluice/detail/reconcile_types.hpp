@@ -210,6 +210,7 @@ struct reconcile_metrics {
   std::uint64_t callback_errors = 0;    ///< exceptions thrown by on_* hooks (caught)
   std::uint64_t claims = 0;             ///< worker critical sections that took keys (reconciled / claims: keys per claim)
   std::uint64_t monitor_wakes = 0;      ///< parked workers woken by the monitor: queued work had seen no claim for a tick (a run that turned out long)
+  std::uint64_t revoked = 0;            ///< claimed keys the monitor took back from a worker stuck in an earlier run of the claim
   std::size_t queued = 0;               ///< ready, waiting for a worker
   std::size_t scheduled = 0;            ///< waiting for a deadline (requeues, retries, delays)
   std::size_t waiting = 0;              ///< coalesced behind a running version of the same key
