@@ -2114,3 +2114,69 @@ TEST_CASE("reconcile_pipeline: work queued during a claim does not wait for the 
   CHECK(p.metrics().dead_lettered == 20);
   CHECK(p.metrics().balanced());
 }
+
+TEST_CASE("reconcile_pipeline: keys taken back from two stuck claims keep FIFO order within their priority") {
+  // Found in review: each worker's taken-back keys went to the front of the queue, so keys of a
+  // later claim could run before those of an earlier one. Workers A and C each claim a blocking
+  // key followed by three short ones (a's queued before c's); the third worker runs them.
+  hang_guard guard("revoked FIFO test", 120s);
+  manual_clock clock;  // never advanced: every run measures 0 ns, so every claim is of short runs
+  std::atomic<bool> hold[5];
+  std::atomic<bool> running[5];
+  for (int i = 0; i < 5; ++i) hold[i] = running[i] = false;
+  std::mutex m;
+  std::vector<int> order;
+  mpipe::options o;
+  o.max_parallel = 3;
+  mpipe p(o, [&](const item& e, const mpipe::context&) {
+    if (e.key >= 1 && e.key <= 4) {
+      running[e.key] = true;
+      while (hold[e.key]) std::this_thread::yield();
+    } else if (e.key >= 100 && e.key < 300) {
+      std::lock_guard lk(m);
+      order.push_back(e.key);
+    }
+    return reconcile_result::done();
+  }, clock);
+  warm_up(p, 2000);
+  int formed = 0;
+  for (int a = 1; a <= 40 && formed < 3; ++a) {
+    {
+      std::lock_guard lk(m);
+      order.clear();
+    }
+    const auto revoked_before = p.metrics().revoked;
+    for (int g = 1; g <= 4; ++g) {
+      running[g] = false;
+      hold[g] = true;
+    }
+    REQUIRE(p.submit(item{1, a}) == submit_status::ok);
+    REQUIRE(eventually([&] { return running[1].load(); }));
+    REQUIRE(p.submit(item{2, a}) == submit_status::ok);
+    REQUIRE(eventually([&] { return running[2].load(); }));
+    REQUIRE(clock.wait_for_waiters_for(1, 20s));  // the third worker is parked
+    for (int k : {3, 101, 102, 103}) REQUIRE(p.submit(item{k, a}) == submit_status::ok);
+    hold[1] = false;  // its worker claims 3, 101..103 next; 3 blocks
+    REQUIRE(eventually([&] { return running[3].load(); }));
+    for (int k : {4, 201, 202, 203}) REQUIRE(p.submit(item{k, a}) == submit_status::ok);
+    hold[2] = false;  // likewise 4, 201..203
+    REQUIRE(eventually([&] { return running[4].load(); }));
+    const bool ran = eventually([&] {
+      std::lock_guard lk(m);
+      return order.size() == 6;
+    });
+    std::vector<int> got;
+    {
+      std::lock_guard lk(m);
+      got = order;
+    }
+    hold[3] = hold[4] = false;
+    REQUIRE(eventually([&] { return p.metrics().keys == 0 && p.metrics().in_flight == 0; }));
+    CHECK(ran);  // all six ran while 3 and 4 still blocked
+    if (p.metrics().revoked - revoked_before != 6) continue;  // the claims did not form that way
+    ++formed;
+    CHECK(got == std::vector<int>{101, 102, 103, 201, 202, 203});
+  }
+  CHECK(formed >= 1);
+  CHECK(p.metrics().balanced());
+}

@@ -35,7 +35,7 @@
 //   worker (that one takes them within about 20 us). Should a run turn out long, a monitor thread
 //   (max_parallel >= 2, no reconcile_timeout), looking every 500 us of real time, wakes parked
 //   workers for keys still queued since its previous look and takes back the keys claimed behind
-//   that run (to the front of the queue, in order; not those with a newer version or a cancel
+//   that run (each to its place in its priority's FIFO; not those with a newer version or a cancel
 //   pending). Measured: keys behind a stuck run start within a few ms (metrics().monitor_wakes,
 //   metrics().revoked).
 // - Dedup rule, for every submission that meets a pending version of its key (queued, scheduled

@@ -323,6 +323,7 @@ class reconcile_core {
     std::uint32_t heap_pos = detail::no_node;
     std::uint32_t failures = 0;
     std::uint32_t worker = 0;
+    std::uint32_t seq = 0;  // while queued: its place in its level's FIFO (queue_seq_ when queued)
     std::uint8_t pend = pend_none;
     std::uint8_t priority = 0;
     std::uint8_t slot = 0;  // while running: its worker's claim slot
@@ -364,6 +365,7 @@ class reconcile_core {
     std::int64_t start_stamp = 0;
     std::int64_t end_stamp = 0;
     std::uint32_t attempt = 1;
+    std::uint32_t seq = 0;  // the node's place in its level's FIFO when claimed
     int priority = 0;
     reconcile_reason reason = reconcile_reason::updated;
     bool stop_used = false;
@@ -479,6 +481,7 @@ class reconcile_core {
 
   void push_queued_locked(std::uint32_t id, node& n) noexcept {
     level& l = levels_[n.priority];
+    n.seq = ++queue_seq_;
     n.pend = pend_queued;
     n.next = detail::no_node;
     n.prev = l.tail;
@@ -494,19 +497,34 @@ class reconcile_core {
     ++queued_;
   }
 
-  // Back at the front of its level: a claimed key taken back (revoke_unstarted_locked). It was
-  // ready no later than everything queued behind it when it was claimed, and what was queued
-  // since is younger, so the order by ready time still holds at the front.
-  void push_front_queued_locked(std::uint32_t id, node& n) noexcept {
+  // A claimed key taken back (revoke_unstarted_locked) returns to its place in its level: before
+  // the first node queued after it (n.seq is the one it was queued with). Only other keys taken
+  // back can be queued before it (it was at the front when claimed), so the walk is short.
+  // Out-of-order marks (see push_queued_locked) for it and for the node it now precedes.
+  void insert_queued_in_order_locked(std::uint32_t id, node& n) noexcept {
     level& l = levels_[n.priority];
+    std::uint32_t before = detail::no_node;
+    std::uint32_t after = l.head;
+    // Sequence numbers wrap: compare by signed distance (fewer than 2^31 queued apart).
+    while (after != detail::no_node && static_cast<std::int32_t>(slab_[after].seq - n.seq) < 0) {
+      before = after;
+      after = slab_[after].next;
+    }
     n.pend = pend_queued;
-    n.prev = detail::no_node;
-    n.next = l.head;
-    n.out_of_order = false;
-    if (l.head != detail::no_node) slab_[l.head].prev = id; else l.tail = id;
-    l.head = id;
+    n.prev = before;
+    n.next = after;
+    if (before != detail::no_node) slab_[before].next = id; else l.head = id;
+    if (after != detail::no_node) slab_[after].prev = id; else l.tail = id;
     ++l.size;
     ++queued_;
+    auto mark = [&](node& x) noexcept {
+      if (x.out_of_order) return;
+      x.out_of_order = true;
+      l.oldest_out_of_order = l.out_of_order++ == 0 ? x.ready_at : std::min(l.oldest_out_of_order, x.ready_at);
+    };
+    n.out_of_order = false;
+    if (before != detail::no_node && n.ready_at < slab_[before].ready_at) mark(n);
+    if (after != detail::no_node && slab_[after].ready_at < n.ready_at) mark(slab_[after]);
   }
 
   void unlink_queued_locked(std::uint32_t id, node& n) noexcept {
@@ -1070,6 +1088,7 @@ class reconcile_core {
       // relaxed: published by the lock, as `ending`.
       slot.turn.store(ws.claimed == 0 ? turn_started : turn_waiting, std::memory_order_relaxed);
       slot.reason = n.reason;
+      slot.seq = n.seq;
       slot.attempt = n.failures + 1;
       slot.priority = static_cast<int>(n.priority);
       slot.ready_at = n.ready_at;
@@ -1565,14 +1584,16 @@ class reconcile_core {
     }
   }
 
-  // Takes back the keys a stuck worker claimed and has not started: each goes back to the front
-  // of its priority, in claim order, as it was before the claim (not counted as a dispatch again).
+  // Takes back the keys a stuck worker claimed and has not started: each goes back to its place in
+  // its priority's FIFO, as it was before the claim (the dispatch counts of the starvation bound
+  // are not undone: a lower priority may come a little sooner).
   // Only keys with nothing else pending: one with a newer version waiting or scheduled behind its
   // claim, or a cancel, stays with the claim (rare; the documented price of claims). Returns
   // how many came back.
   std::size_t revoke_unstarted_locked(worker_state& ws) noexcept {
     std::size_t count = 0;
-    for (std::size_t i = ws.claimed; i-- > 1;) {  // backwards: each goes in front of the one after it
+    bool unblocked = false;
+    for (std::size_t i = 1; i < ws.claimed; ++i) {
       run_slot& slot = ws.slots[i];
       if (slot.node == detail::no_node) continue;
       node& n = slab_[slot.node];
@@ -1584,14 +1605,24 @@ class reconcile_core {
       slot.node = detail::no_node;
       n.running = false;
       --running_;
+      // As it was when claimed (a submission since may have raised the priority and a cancel
+      // withdrawn it again, resetting the failures: the claimed version keeps its own).
       n.entity.emplace(std::move(*slot.entity));  // noexcept: Entity is nothrow move constructible (static_assert)
       slot.entity.reset();
       n.reason = slot.reason;
       n.ready_at = slot.ready_at;
-      push_front_queued_locked(id, n);
+      n.priority = static_cast<std::uint8_t>(slot.priority);
+      n.failures = slot.attempt - 1;
+      n.seq = slot.seq;
+      insert_queued_in_order_locked(id, n);
+      if (compact_blocker_ == id) {  // compaction waited for this claimed key: it may move now
+        compact_blocker_ = detail::no_node;
+        unblocked = true;
+      }
       ++m_.revoked;
       ++count;
     }
+    if (unblocked) compact_locked();
     return count;
   }
 
@@ -1599,7 +1630,7 @@ class reconcile_core {
   // turns out long. Armed (arm_monitor_locked), it looks every monitor_tick of real time, and at
   // each look compares with the previous one:
   // - a worker still in the same run of the same claim of several keys: the keys claimed behind
-  //   that run go back to the front of the queue (revoke_unstarted_locked);
+  //   that run go back to their places in the queue (revoke_unstarted_locked);
   // - fewer keys claimed since than were queued then (a key queued a tick ago is still queued,
   //   FIFO within its priority): as many parked workers are woken as such keys, or keys taken back.
   // So while a worker sleeps no key waits more than about two ticks for one to take it. The
@@ -1622,6 +1653,7 @@ class reconcile_core {
     while (!stopping_ && !fault_) {
       const auto now = std::chrono::steady_clock::now();
       std::size_t wakes = 0;
+      bool notify_submit = false;
       if (have_look && now - look_at >= monitor_tick) {
         std::size_t revoked = 0;
         for (std::size_t w = 0; w < workers_.size(); ++w) {
@@ -1631,6 +1663,8 @@ class reconcile_core {
             revoked += revoke_unstarted_locked(ws);
           }
         }
+        // Submitters waiting for a taken-back key to stop running (conflict_strategy::wait).
+        notify_submit = revoked > 0 && key_waiters_ > 0;
         const std::uint64_t taken = claimed_keys_ - claimed_seen;
         const std::size_t stale = queued_seen > taken ? queued_seen - static_cast<std::size_t>(taken) : 0;
         const std::size_t want = std::min(std::max(stale, revoked), queued_);
@@ -1656,6 +1690,7 @@ class reconcile_core {
       const auto key = monitor_ec_.prepare_wait();
       lk.unlock();
       for (std::size_t i = 0; i < wakes; ++i) work_ec_.notify_one();
+      if (notify_submit) submit_ec_.notify_all();
       if (tick) {
         (void)monitor_ec_.wait_until(key, look_at + monitor_tick);
       } else {
@@ -1803,6 +1838,7 @@ class reconcile_core {
   const bool defers_wakes_ = opts_.max_parallel >= 2 && !opts_.reconcile_timeout.has_value();
   bool monitor_untimed_ = false;   // the monitor is parked with no tick (see monitor_main)
   std::uint64_t claimed_keys_ = 0;  // keys taken from the queue by claims, ever (the monitor's measure)
+  std::uint32_t queue_seq_ = 0;     // numbers queued nodes in FIFO order (node::seq)
   std::atomic<std::size_t> scheduled_hint_{0};  // heap_.size(), readable without the lock
   const bool timed_ = opts_.reconcile_timeout.has_value();
   std::atomic<std::uint32_t> work_hint_{0};  // queued_, stored while someone spins
