@@ -4,8 +4,8 @@
 // intrusive FIFO per priority, scheduled ones in a deadline heap, workers that finish a run and pick
 // the next in one critical section, a timer keeper among the parked workers, a watchdog thread
 // for reconcile_timeout, and a monitor thread that bounds how long queued or claimed work can wait
-// for a run that turned out long while a worker sleeps (see note_queued_locked, monitor_main). reconcile_pipeline derives from reconcile_core
-// privately and re-exports its public members.
+// for a run that turned out long while a worker sleeps (see note_queued_locked, monitor_main).
+// reconcile_pipeline derives from reconcile_core privately and re-exports its public members.
 #pragma once
 
 #include <algorithm>
@@ -487,10 +487,8 @@ class reconcile_core {
     n.prev = l.tail;
     // A version that became ready before the tail did (moved up a priority, or put back at
     // stop) is out of order: metrics() must not take the head's age as the oldest (r1 L5).
-    n.out_of_order = l.tail != detail::no_node && n.ready_at < slab_[l.tail].ready_at;
-    if (n.out_of_order) {
-      l.oldest_out_of_order = l.out_of_order++ == 0 ? n.ready_at : std::min(l.oldest_out_of_order, n.ready_at);
-    }
+    n.out_of_order = false;
+    if (l.tail != detail::no_node && n.ready_at < slab_[l.tail].ready_at) mark_out_of_order_locked(l, n);
     if (l.tail != detail::no_node) slab_[l.tail].next = id; else l.head = id;
     l.tail = id;
     ++l.size;
@@ -517,14 +515,17 @@ class reconcile_core {
     if (after != detail::no_node) slab_[after].prev = id; else l.tail = id;
     ++l.size;
     ++queued_;
-    auto mark = [&](node& x) noexcept {
-      if (x.out_of_order) return;
-      x.out_of_order = true;
-      l.oldest_out_of_order = l.out_of_order++ == 0 ? x.ready_at : std::min(l.oldest_out_of_order, x.ready_at);
-    };
     n.out_of_order = false;
-    if (before != detail::no_node && n.ready_at < slab_[before].ready_at) mark(n);
-    if (after != detail::no_node && slab_[after].ready_at < n.ready_at) mark(slab_[after]);
+    if (before != detail::no_node && n.ready_at < slab_[before].ready_at) mark_out_of_order_locked(l, n);
+    if (after != detail::no_node && slab_[after].ready_at < n.ready_at) mark_out_of_order_locked(l, slab_[after]);
+  }
+
+  // A queued node behind one that became ready after it: counted, with the level's oldest such
+  // stamp, so metrics() does not take the head's age as the oldest (r1 L5).
+  void mark_out_of_order_locked(level& l, node& x) noexcept {
+    if (x.out_of_order) return;
+    x.out_of_order = true;
+    l.oldest_out_of_order = l.out_of_order++ == 0 ? x.ready_at : std::min(l.oldest_out_of_order, x.ready_at);
   }
 
   void unlink_queued_locked(std::uint32_t id, node& n) noexcept {
