@@ -399,6 +399,37 @@ TEST_CASE("ready_accumulator: buffer_bytes caps memory; try_append reports full,
   CHECK(f.acc.stats().buffer_used == 150);
 }
 
+TEST_CASE("ready_accumulator: memory a lane reserved ahead is neither counted as used nor kept from others") {
+  // Appends reserve buffer memory in slices per lane (1 MiB buffer: 8 KiB or less per slice), so
+  // after one 100-byte append that lane holds unused credit. It must not show as used, and an
+  // append elsewhere that needs all the rest must get it (try_append may not report full while
+  // memory sits unused in a lane).
+  auto o = small(1 << 20);
+  o.buffer_bytes = 1 << 20;
+  o.max_request_bytes = 1 << 20;
+  fixture f(o);
+  for (int p = 0; p < 64; ++p) REQUIRE(f.acc.append(p, int{p}, 100) == append_status::ok);  // every lane
+  CHECK(f.acc.stats().buffer_used == 6400);
+  int big = 1;
+  CHECK(f.acc.try_append(99, std::move(big), (1 << 20) - 6400) == append_status::ok);  // exactly the rest
+  CHECK(f.acc.stats().buffer_used == std::size_t{1} << 20);
+  int one = 2;
+  CHECK(f.acc.try_append(7, std::move(one), 1) == append_status::full);  // now it is full
+  CHECK(f.acc.audit().clean());
+  f.acc.flush();
+  for (int d : f.dests()) {
+    auto got = f.drain(d, 1 << 20);
+    while (!got.empty()) {
+      f.complete(got);
+      got = f.drain(d, 1 << 20);
+    }
+  }
+  CHECK(f.acc.stats().buffer_used == 0);
+  CHECK(f.acc.stats().pending == 0);
+  int again = 3;
+  CHECK(f.acc.try_append(7, std::move(again), 1 << 20) == append_status::ok);  // all of it, again
+}
+
 TEST_CASE("ready_accumulator: blocked appenders are served first-in first-out") {
   auto o = small();
   o.buffer_bytes = 100;

@@ -44,8 +44,12 @@
 //   are due at once) so memory is not held back by batches waiting out their linger. A call that
 //   does not return `ok` leaves the record with the caller.
 // - Conservation: appended = delivered + failed + expired + taken + pending, exactly (stats()).
-// - Every member function is thread-safe (one internal lock, which spins briefly before it parks;
-//   any number of appenders and senders).
+// - Every member function is thread-safe (any number of appenders and senders). Partitions are
+//   spread over append lanes by hash: an append to an open batch that neither opens nor seals one
+//   takes only its lane's lock and reserves memory from its lane's credit, so appenders to
+//   different partitions rarely meet; opening or sealing a batch and every sender operation take
+//   the one accumulator lock (locks spin briefly before they park). Linger seals, flush(), close(),
+//   stats() and audit() take every lane's lock too. Hash and KeyEqual are called concurrently.
 // Never: scans partitions in append/ready/drain/wait_ready (only audit(), take_pending(), flush()
 // and close(), which walk open batches or everything), polls, or busy-waits. A batch handle that is
 // destroyed without being settled counts its records as failed (nothing vanishes).
@@ -62,6 +66,9 @@
 //     }
 #pragma once
 
+#include <algorithm>
+#include <atomic>
+#include <bit>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -75,6 +82,7 @@
 #include <stdexcept>
 #include <stop_token>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <unordered_map>
 #include <unordered_set>
@@ -311,10 +319,12 @@ class ready_accumulator {
 
   /// Seals every open batch now (they become sendable). O(open batches). Thread-safe.
   void flush() {
-    std::unique_lock lock(mutex_);
-    seal_all_open_locked();
-    kick_ = true;
-    lock.unlock();
+    {
+      lanes_lock lanes(*this);  // seals open batches
+      std::lock_guard lock(mutex_);
+      seal_all_open_locked();
+      kick_ = true;
+    }
     sender_ec_.notify_all();
   }
 
@@ -322,11 +332,13 @@ class ready_accumulator {
   /// batches opened meanwhile are sendable at the sender's next cycle (they still collect the
   /// records appended until then). Counted: nested begin/end pairs are fine. Thread-safe.
   void begin_flush() {
-    std::unique_lock lock(mutex_);
-    ++flushing_;
-    seal_all_open_locked();
-    kick_ = true;
-    lock.unlock();
+    {
+      lanes_lock lanes(*this);  // seals open batches
+      std::lock_guard lock(mutex_);
+      ++flushing_;
+      seal_all_open_locked();
+      kick_ = true;
+    }
     sender_ec_.notify_all();
   }
   /// Ends one begin_flush(). Thread-safe.
@@ -349,8 +361,15 @@ class ready_accumulator {
   void ready(ready_result& out) {
     out.destinations.clear();
     out.unknown.clear();
-    std::lock_guard lock(mutex_);
-    const time_point now = clock_.now();
+    std::unique_lock lock(mutex_);
+    lanes_lock lanes(*this, false);
+    time_point now = clock_.now();
+    if (open_batch_due_locked(now)) {  // sealing or expiring an open batch needs its lane too
+      lock.unlock();
+      lanes.lock();
+      lock.lock();
+      now = clock_.now();
+    }
     kick_ = false;
     recheck_unknown_ = false;
     process_timers_locked(now);
@@ -482,7 +501,7 @@ class ready_accumulator {
       b->st = state::in_flight;
       b->muted = mute_drained;
       if (mute_drained) ++p.mutes;
-      resident_records_ -= b->records.size();
+      records_out_ += b->records.size();
       in_flight_records_ += b->records.size();
       out.push_back(batch_handle(this, b));
       total += b->bytes;
@@ -564,7 +583,7 @@ class ready_accumulator {
       const time_point now = clock_.now();
       partition_state& p = parts_[n->part];
       in_flight_records_ -= n->records.size();
-      resident_records_ += n->records.size();
+      records_out_ -= n->records.size();
       ++n->attempts;
       ++retried_;
       const bool expired = n->expiry_passed || (options_.delivery_timeout && now >= expiry_deadline(n));
@@ -595,14 +614,22 @@ class ready_accumulator {
     std::size_t n = 0;
     std::size_t freed = 0;
     {
-      std::lock_guard lock(mutex_);
-      const time_point now = clock_.now();
+      std::unique_lock lock(mutex_);
+      lanes_lock lanes(*this, false);
+      time_point now = clock_.now();
+      if (open_batch_due_locked(now)) {  // expiring an open batch needs its lane too
+        lock.unlock();
+        lanes.lock();
+        lock.lock();
+        now = clock_.now();
+      }
       advance_expiry_locked(now);
       for (batch_node* b : expired_) {
         b->st = state::settled;
-        resident_records_ -= b->records.size();
+        records_out_ += b->records.size();
         expired_records_ += b->records.size();
-        buffer_used_ -= b->bytes;
+        // relaxed: exact readers hold every lock a writer of it holds (see buffer_reserved_)
+        buffer_reserved_.fetch_sub(b->bytes, std::memory_order_relaxed);
         freed += b->bytes;
         out.push_back(batch_handle(this, b));
         ++n;
@@ -616,27 +643,31 @@ class ready_accumulator {
 
   /// Mutes `partition` (counted; see mute_token). Thread-safe. May allocate (first sight).
   [[nodiscard]] mute_token mute(const Partition& partition) {
+    const std::uint32_t h = mix(partition);
+    lane& ln = lane_for(h);
+    std::lock_guard lane_guard(ln.mutex);
     std::lock_guard lock(mutex_);
-    const std::uint32_t id = part_id_locked(partition);
+    const std::uint32_t id = part_id_locked(ln, h, partition);
     ++parts_[id].mutes;
     return mute_token(this, id);
   }
 
   /// Mute count of `partition` (0 if never seen). Thread-safe.
   [[nodiscard]] std::uint32_t mutes(const Partition& partition) const {
+    const std::uint32_t id = find_part(partition);
+    if (id == no_part) return 0;
     std::lock_guard lock(mutex_);
-    const std::uint32_t id = find_part_locked(partition);
-    return id == no_part ? 0 : parts_[id].mutes;
+    return parts_[id].mutes;
   }
 
   /// Tell the accumulator `partition`'s destination changed (leader move): it is routed afresh,
   /// and its head batch's retry backoff is cut short (KAFKA-15415). One re-notification, however
   /// often it is called. Thread-safe.
   void destination_changed(const Partition& partition) {
+    const std::uint32_t id = find_part(partition);  // ids are never reused: no lock needed after
+    if (id == no_part) return;
     {
       std::lock_guard lock(mutex_);
-      const std::uint32_t id = find_part_locked(partition);
-      if (id == no_part) return;
       partition_state& p = parts_[id];
       if (p.head != nullptr && p.head->retry_at != no_retry()) p.head->retry_at = no_retry();
       if (p.where == where_kind::dest) {
@@ -667,6 +698,7 @@ class ready_accumulator {
   /// waiting senders. Idempotent. Thread-safe.
   void close() {
     {
+      lanes_lock lanes(*this);  // appenders read closed_ under their lane's lock
       std::lock_guard lock(mutex_);
       closed_ = true;
       seal_all_open_locked();
@@ -686,6 +718,7 @@ class ready_accumulator {
   std::size_t take_pending(std::vector<batch_handle>& out) {
     std::size_t n = 0;
     {
+      lanes_lock lanes(*this);  // takes open batches
       std::lock_guard lock(mutex_);
       for (std::uint32_t id = 0; id < parts_.size(); ++id) {
         partition_state& p = parts_[id];
@@ -733,8 +766,11 @@ class ready_accumulator {
   std::size_t take_partition(const Partition& partition, std::vector<batch_handle>& out) {
     std::size_t n = 0;
     {
+      const std::uint32_t h = mix(partition);
+      lane& ln = lane_for(h);
+      std::lock_guard lane_guard(ln.mutex);  // takes its open batch
       std::lock_guard lock(mutex_);
-      const std::uint32_t id = find_part_locked(partition);
+      const std::uint32_t id = find_part_locked(ln, h, partition);
       if (id == no_part) return 0;
       partition_state& p = parts_[id];
       while (p.head != nullptr) {
@@ -758,23 +794,24 @@ class ready_accumulator {
   /// Whether any record is waiting in the accumulator (not in flight). O(1). Thread-safe.
   [[nodiscard]] bool has_pending_work() const {
     std::lock_guard lock(mutex_);
-    return resident_records_ > 0;
+    return resident_locked() > 0;
   }
 
   /// Consistent snapshot of the counters. Thread-safe. O(1).
   [[nodiscard]] ready_accumulator_stats stats() const {
+    lanes_lock lanes(*this);  // appended counts and credit live in the lanes
     std::lock_guard lock(mutex_);
     ready_accumulator_stats s;
-    s.appended = appended_;
+    s.appended = appended_total();
     s.delivered = delivered_;
     s.failed = failed_;
     s.expired = expired_records_;
     s.taken = taken_records_;
-    s.pending = resident_records_ + in_flight_records_;
+    s.pending = resident_locked() + in_flight_records_;
     s.in_flight = in_flight_records_;
     s.batches_sealed = sealed_;
     s.batches_retried = retried_;
-    s.buffer_used = buffer_used_;
+    s.buffer_used = buffer_used_locked();
     s.buffer_capacity = options_.buffer_bytes;
     s.waiting_appenders = waiting_count_;
     s.partitions = parts_.size();
@@ -786,6 +823,7 @@ class ready_accumulator {
   /// deliver (not queued, not muted, not in backoff, not in flight), partitions with more than one
   /// live queue entry, and counter mismatches. O(partitions + queue entries). Thread-safe.
   [[nodiscard]] audit_report audit() const {
+    lanes_lock lanes(*this);  // reads open batches
     std::lock_guard lock(mutex_);
     audit_report r;
     const time_point now = clock_.now();
@@ -840,8 +878,8 @@ class ready_accumulator {
     for (const batch_node* b : all_nodes_view()) {
       if (b->st == state::in_flight) bytes += b->bytes;
     }
-    r.counters_consistent = records == resident_records_ && bytes == buffer_used_ &&
-                            appended_ == delivered_ + failed_ + expired_records_ + taken_records_ + resident_records_ +
+    r.counters_consistent = records == resident_locked() && bytes == buffer_used_locked() &&
+                            appended_total() == delivered_ + failed_ + expired_records_ + taken_records_ + resident_locked() +
                                              in_flight_records_;
     return r;
   }
@@ -936,31 +974,88 @@ class ready_accumulator {
     return std::exchange(need_wake_, false);
   }
 
-  // The partition index: open addressing (linear probing) over {mixed hash, id}, keys living in
-  // parts_. One probe usually finds the id, and the key compare touches the partition state the
-  // caller needs next anyway: about one cache miss per lookup instead of a node-based map's two or
-  // three. Partitions are never removed, so there are no tombstones.
+  // ---- append lanes ----------------------------------------------------------------------------
+  // Partitions are spread over lanes by hash. A lane's lock guards its part of the partition index
+  // and the open batch of each of its partitions (records, bytes); an append to an open batch that
+  // neither opens nor seals one takes only that lock, so appenders to different lanes share no lock
+  // and no written line. Everything else (the sealed lists, queues, timers, pool, counters) is
+  // under mutex_. Lock order: lanes in index order, then mutex_; a thread that holds mutex_ never
+  // waits for a lane. A batch leaves the open state only under its lane's lock and mutex_, so
+  // p.open and a node's state may be read under either, its records and bytes under the lane's.
   static constexpr std::uint32_t no_part = std::numeric_limits<std::uint32_t>::max();
   struct index_slot {
     std::uint32_t hash = 0;
     std::uint32_t id = no_part;
+    partition_state* part = nullptr;  // parts_[id], stable
   };
+  struct alignas(detail::cache_line) lane {
+    mutable detail::lock_table_mutex mutex;
+    std::size_t credit = 0;  // buffer bytes this lane reserved and has not used yet (see reserve_locked)
+    std::atomic<std::uint64_t> appended{0};  // written under `mutex` only; atomic for has_pending_work()
+    std::vector<index_slot> index;  // open addressing (linear probing) over {mixed hash, id}
+    std::size_t size = 0;
+  };
+
+  // Locks every lane (in index order), for the paths that seal, expire or take open batches or
+  // read every lane's counters; mutex_ is taken after it.
+  class lanes_lock {
+   public:
+    explicit lanes_lock(const ready_accumulator& a, bool now = true) noexcept : a_(a) {
+      if (now) lock();
+    }
+    lanes_lock(const lanes_lock&) = delete;
+    lanes_lock& operator=(const lanes_lock&) = delete;
+    ~lanes_lock() { unlock(); }
+    void lock() noexcept {
+      for (std::size_t i = 0; i < a_.lane_count_; ++i) a_.lanes_[i].mutex.lock();
+      held_ = true;
+    }
+    void unlock() noexcept {
+      if (!std::exchange(held_, false)) return;
+      for (std::size_t i = a_.lane_count_; i-- > 0;) a_.lanes_[i].mutex.unlock();
+    }
+
+   private:
+    const ready_accumulator& a_;
+    bool held_ = false;
+  };
+
+  static std::size_t lane_count_for_machine() noexcept {
+    // Enough lanes that a few appenders per core rarely meet in one; few enough that locking them
+    // all (linger seals, flush, stats) stays a few hundred nanoseconds.
+    const std::size_t cores = std::max(1u, std::thread::hardware_concurrency());
+    return std::bit_ceil(std::clamp<std::size_t>(4 * cores, 16, 64));
+  }
 
   std::uint32_t mix(const Partition& partition) const {
     // Fibonacci hashing: spreads identity hashes (std::hash<int>) over the bits we index by.
     const std::uint64_t h = static_cast<std::uint64_t>(hash_(partition)) * 0x9E3779B97F4A7C15ull;
     return static_cast<std::uint32_t>(h >> 32);
   }
+  // The lane takes the hash's top bits; the lane's index its low bits.
+  lane& lane_for(std::uint32_t h) const noexcept { return lanes_[h >> lane_shift_]; }
 
-  std::uint32_t find_part_locked(const Partition& partition) const {
-    if (index_.empty()) return no_part;
-    const std::uint32_t h = mix(partition);
-    const std::size_t mask = index_.size() - 1;
+  // Under ln.mutex. One probe usually finds the slot, and the key compare touches the partition
+  // state the caller needs next anyway. Partitions are never removed, so there are no tombstones.
+  const index_slot* find_slot_locked(const lane& ln, std::uint32_t h, const Partition& partition) const {
+    if (ln.index.empty()) return nullptr;
+    const std::size_t mask = ln.index.size() - 1;
     for (std::size_t i = h & mask;; i = (i + 1) & mask) {
-      const index_slot& s = index_[i];
-      if (s.id == no_part) return no_part;
-      if (s.hash == h && eq_(parts_[s.id].key, partition)) return s.id;
+      const index_slot& s = ln.index[i];
+      if (s.id == no_part) return nullptr;
+      if (s.hash == h && eq_(s.part->key, partition)) return &s;
     }
+  }
+  std::uint32_t find_part_locked(const lane& ln, std::uint32_t h, const Partition& partition) const {
+    const index_slot* s = find_slot_locked(ln, h, partition);
+    return s == nullptr ? no_part : s->id;
+  }
+  // Takes the partition's lane lock for the lookup; the id stays valid without it.
+  std::uint32_t find_part(const Partition& partition) const {
+    const std::uint32_t h = mix(partition);
+    const lane& ln = lane_for(h);
+    std::lock_guard lane_guard(ln.mutex);
+    return find_part_locked(ln, h, partition);
   }
 
   static void place(std::vector<index_slot>& table, index_slot slot) noexcept {
@@ -970,24 +1065,78 @@ class ready_accumulator {
     table[i] = slot;
   }
 
-  std::uint32_t part_id_locked(const Partition& partition) {
-    const std::uint32_t found = find_part_locked(partition);
+  // Under ln.mutex and mutex_: the partition's id, created on first sight.
+  std::uint32_t part_id_locked(lane& ln, std::uint32_t h, const Partition& partition) {
+    const std::uint32_t found = find_part_locked(ln, h, partition);
     if (found != no_part) return found;
     if (parts_.size() >= std::numeric_limits<std::uint32_t>::max() / 4) {
       throw std::length_error("sluice::ready_accumulator: too many partitions");
     }
-    if ((parts_.size() + 1) * 2 > index_.size()) {  // keep the load factor <= 1/2
-      std::vector<index_slot> bigger(index_.empty() ? 16 : index_.size() * 2);  // may throw: nothing changed
-      for (const index_slot& s : index_) {
+    if ((ln.size + 1) * 2 > ln.index.size()) {  // keep the load factor <= 1/2
+      std::vector<index_slot> bigger(ln.index.empty() ? 16 : ln.index.size() * 2);  // may throw: nothing changed
+      for (const index_slot& s : ln.index) {
         if (s.id != no_part) place(bigger, s);
       }
-      index_.swap(bigger);
+      ln.index.swap(bigger);
     }
     const auto id = static_cast<std::uint32_t>(parts_.size());
     parts_.emplace_back(partition);  // stable: references to other partitions stay valid; may throw
-    place(index_, index_slot{mix(partition), id});
+    place(ln.index, index_slot{h, id, &parts_[id]});
+    ++ln.size;
     return id;
   }
+
+  // ---- buffer memory ---------------------------------------------------------------------------
+  // buffer_reserved_ = record bytes buffered or in flight + every lane's unused credit, <= the cap.
+  // A lane takes credit in slices, so most appends reserve memory without touching a shared line;
+  // when an appender is about to wait (or try_append about to report full) every lane's credit is
+  // given back first (reclaim_credit_locked), so nobody waits while memory sits unused in a lane.
+
+  // Under ln.mutex: takes `bytes` of buffer memory for this lane's next append. False if an
+  // appender is waiting (they go first) or the cap would be passed: the caller takes the slow path.
+  bool reserve_locked(lane& ln, std::size_t bytes) noexcept {
+    if (waiting_count_ != 0) return false;  // written under every lane's lock: stable under ours
+    if (ln.credit >= bytes) {
+      ln.credit -= bytes;
+      return true;
+    }
+    const std::size_t cap = options_.buffer_bytes;
+    const std::size_t need = bytes - ln.credit;
+    // relaxed: buffer_reserved_ publishes nothing; exact readers (the slow path, stats, audit) hold
+    // every lane's lock and mutex_, i.e. exclude every writer.
+    std::size_t cur = buffer_reserved_.load(std::memory_order_relaxed);
+    for (;;) {
+      if (cur > cap || cap - cur < need) return false;
+      const std::size_t grant = std::min(cap - cur, std::max(need, credit_slice_));
+      if (buffer_reserved_.compare_exchange_weak(cur, cur + grant, std::memory_order_relaxed)) {
+        ln.credit += grant - bytes;
+        return true;
+      }
+    }
+  }
+
+  // Under every lane's lock and mutex_: gives every lane's unused credit back.
+  void reclaim_credit_locked() noexcept {
+    std::size_t freed = 0;
+    for (std::size_t i = 0; i < lane_count_; ++i) freed += std::exchange(lanes_[i].credit, 0);
+    if (freed > 0) buffer_reserved_.fetch_sub(freed, std::memory_order_relaxed);  // relaxed: as above
+  }
+
+  // Under every lane's lock and mutex_ (exact), or mutex_ alone after close() (no lane writes).
+  std::size_t buffer_used_locked() const noexcept {
+    std::size_t credit = 0;
+    for (std::size_t i = 0; i < lane_count_; ++i) credit += lanes_[i].credit;
+    return buffer_reserved_.load(std::memory_order_relaxed) - credit;  // relaxed: writers excluded
+  }
+  std::uint64_t appended_total() const noexcept {
+    std::uint64_t n = 0;
+    // relaxed: exact under every lane's lock; a hint otherwise (has_pending_work), and a record
+    // counted in records_out_ was appended before (through the locks), so the difference is >= 0.
+    for (std::size_t i = 0; i < lane_count_; ++i) n += lanes_[i].appended.load(std::memory_order_relaxed);
+    return n;
+  }
+  // Records in the accumulator (open, sealed, in backoff, expired but not handed out). Under mutex_.
+  std::uint64_t resident_locked() const noexcept { return appended_total() - records_out_; }
 
   std::uint32_t dest_id_locked(const Destination& d) {
     auto it = dest_index_.find(d);
@@ -1129,6 +1278,14 @@ class ready_accumulator {
     linger_fifo_.clear();
   }
 
+  // Whether a linger or delivery deadline has passed that may seal or expire an open batch (the
+  // callers then take every lane's lock as well). Stale entries make it err towards true.
+  bool open_batch_due_locked(time_point now) const noexcept {
+    if (!linger_fifo_.empty() && linger_fifo_.front().deadline <= now) return true;
+    return options_.delivery_timeout && !expiry_fifo_.empty() && expiry_fifo_.front().deadline <= now;
+  }
+
+  // Under every lane's lock (or, if nothing is due, just mutex_) and mutex_.
   void process_timers_locked(time_point now) {
     while (!linger_fifo_.empty() && linger_fifo_.front().deadline <= now) {
       const timed t = linger_fifo_.front();
@@ -1219,7 +1376,7 @@ class ready_accumulator {
           sender_ec_.cancel_wait();
           return ready_status::ready;
         }
-        if (closed_ && resident_records_ == 0) {
+        if (closed_ && resident_locked() == 0) {  // closed: no lane appends any more
           sender_ec_.cancel_wait();
           return ready_status::closed;
         }
@@ -1245,20 +1402,44 @@ class ready_accumulator {
   // The record is moved from only when ok is returned.
   append_status append_impl(const Partition& partition, Record& record, std::size_t bytes, bool wait,
                             const time_point* deadline, const std::stop_token* stop) {
+    const std::uint32_t h = mix(partition);  // may throw (the caller's hash): nothing changed
+    lane& ln = lane_for(h);
+    {
+      std::unique_lock lane_guard(ln.mutex);
+      if (closed_) return append_status::closed;
+      if (bytes > options_.max_request_bytes || bytes > options_.buffer_bytes) return append_status::too_large;
+      if (reserve_locked(ln, bytes)) {
+        bool wake = false;
+        try {
+          if (!append_to_open_locked(ln, h, partition, record, bytes)) {
+            std::lock_guard lock(mutex_);
+            append_locked(ln, h, partition, record, bytes);
+            wake = std::exchange(need_wake_, false);
+          }
+        } catch (...) {
+          ln.credit += bytes;  // nothing was counted: the reservation goes back
+          throw;
+        }
+        lane_guard.unlock();
+        if (wake) sender_ec_.notify_all();
+        return append_status::ok;
+      }
+    }
+    // Slow path: an appender waits, or this lane's credit and the shared pool are exhausted. With
+    // every lane locked, the lanes' unused credit is given back and the cap is checked exactly.
+    lanes_lock lanes(*this);
     std::unique_lock lock(mutex_);
     if (closed_) return append_status::closed;
-    if (bytes > options_.max_request_bytes || bytes > options_.buffer_bytes) return append_status::too_large;
-    if (waiting_head_ == nullptr && buffer_used_ + bytes <= options_.buffer_bytes) {
-      append_locked(partition, record, bytes);
+    reclaim_credit_locked();
+    if (waiting_head_ == nullptr && take_exact_locked(bytes)) {
+      append_reserved_locked(ln, h, partition, record, bytes);
       const bool wake = std::exchange(need_wake_, false);
       lock.unlock();
+      lanes.unlock();
       if (wake) sender_ec_.notify_all();
       return append_status::ok;
     }
     if (!wait) return append_status::full;
-    if (deadline == nullptr && stop == nullptr) {
-      // fall through: wait without limit
-    }
     struct waker {
       detail::event_count* ec;
       void operator()() const noexcept { ec->notify_all(); }
@@ -1267,7 +1448,7 @@ class ready_accumulator {
     const bool first_waiter = waiting_head_ == nullptr;
     if (waiting_tail_ != nullptr) waiting_tail_->next = &self; else waiting_head_ = &self;
     waiting_tail_ = &self;
-    ++waiting_count_;
+    ++waiting_count_;  // under every lane's lock: from now on no lane takes credit
     if (first_waiter) {
       // The buffer is exhausted: waiting out the linger of open batches would only keep memory
       // tied up, so everything open is sendable now, and batches opened while appenders wait are
@@ -1290,18 +1471,29 @@ class ready_accumulator {
     };
     const bool wake_sender = std::exchange(need_wake_, false);
     lock.unlock();
+    lanes.unlock();
     if (wake_sender) sender_ec_.notify_all();
     std::optional<std::stop_callback<waker>> on_stop;
     if (stop != nullptr && stop->stop_possible()) on_stop.emplace(*stop, waker{&space_ec_});
     for (;;) {
       const auto key = space_ec_.prepare_wait();
+      lanes.lock();
       lock.lock();
       append_status result = append_status::ok;
       bool done = true;
       if (closed_) {
         result = append_status::closed;
-      } else if (waiting_head_ == &self && buffer_used_ + bytes <= options_.buffer_bytes) {
-        append_locked(partition, record, bytes);
+      } else if (waiting_head_ == &self && take_exact_locked(bytes)) {
+        try {
+          append_reserved_locked(ln, h, partition, record, bytes);
+        } catch (...) {
+          leave();
+          lock.unlock();
+          lanes.unlock();
+          space_ec_.cancel_wait();
+          space_ec_.notify_all();  // the next waiter re-checks
+          throw;
+        }
       } else if (stop != nullptr && stop->stop_requested()) {
         result = append_status::cancelled;
       } else if (deadline != nullptr && clock_.now() >= *deadline) {
@@ -1315,12 +1507,14 @@ class ready_accumulator {
         const bool next_waits = was_head && waiting_head_ != nullptr;
         const bool wake = std::exchange(need_wake_, false);
         lock.unlock();
+        lanes.unlock();
         space_ec_.cancel_wait();
         if (next_waits) space_ec_.notify_all();  // the new head re-checks the space
         if (wake) sender_ec_.notify_all();
         return result;
       }
       lock.unlock();
+      lanes.unlock();
       if (deadline != nullptr) {
         (void)clock_.wait_until(space_ec_, key, *deadline);
       } else {
@@ -1329,8 +1523,48 @@ class ready_accumulator {
     }
   }
 
-  void append_locked(const Partition& partition, Record& record, std::size_t bytes) {
-    const std::uint32_t id = part_id_locked(partition);
+  // Under every lane's lock and mutex_ (no lane holds credit): takes exactly `bytes` if they fit.
+  bool take_exact_locked(std::size_t bytes) noexcept {
+    const std::size_t cur = buffer_reserved_.load(std::memory_order_relaxed);  // relaxed: writers excluded
+    if (cur > options_.buffer_bytes || options_.buffer_bytes - cur < bytes) return false;
+    buffer_reserved_.fetch_add(bytes, std::memory_order_relaxed);  // relaxed: as above
+    return true;
+  }
+  // Appends with `bytes` already taken by take_exact_locked(); gives them back if it throws.
+  void append_reserved_locked(lane& ln, std::uint32_t h, const Partition& partition, Record& record, std::size_t bytes) {
+    try {
+      append_locked(ln, h, partition, record, bytes);
+    } catch (...) {
+      buffer_reserved_.fetch_sub(bytes, std::memory_order_relaxed);  // relaxed: as above
+      throw;
+    }
+  }
+
+  // The common case, under ln.mutex alone: the partition exists and its open batch takes the
+  // record without sealing. False (nothing done) when mutex_ is needed: a new partition, no open
+  // batch, or a seal before or after.
+  bool append_to_open_locked(lane& ln, std::uint32_t h, const Partition& partition, Record& record,
+                             std::size_t bytes) {
+    const index_slot* s = find_slot_locked(ln, h, partition);
+    if (s == nullptr) return false;
+    batch_node* b = s->part->open;
+    if (b == nullptr || b->bytes + bytes >= options_.batch_bytes || b->records.size() + 1 >= options_.batch_records) {
+      return false;
+    }
+    b->records.push_back(std::move(record));  // may throw (allocation): nothing counted yet
+    b->bytes += bytes;
+    count_appended(ln);
+    return true;
+  }
+
+  void count_appended(lane& ln) noexcept {
+    // relaxed: the lane's only writer holds its lock; readers see it through the locks (or as a hint).
+    ln.appended.store(ln.appended.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  }
+
+  // Under ln.mutex and mutex_, with the buffer memory reserved.
+  void append_locked(lane& ln, std::uint32_t h, const Partition& partition, Record& record, std::size_t bytes) {
+    const std::uint32_t id = part_id_locked(ln, h, partition);
     partition_state& p = parts_[id];
     if (bytes > options_.batch_bytes) {
       // A record larger than a batch gets a batch of its own, sealed at once (behind the open one,
@@ -1338,13 +1572,13 @@ class ready_accumulator {
       if (p.open != nullptr) seal_locked(p);
       const time_point now = clock_.now();
       open_batch_locked(id, p, now);
-      push_record_locked(p, record, bytes);
+      push_record_locked(ln, p, record, bytes);
       seal_locked(p);
       return;
     }
     if (p.open != nullptr && p.open->bytes + bytes > options_.batch_bytes) seal_locked(p);
     if (p.open == nullptr) open_batch_locked(id, p, clock_.now());
-    push_record_locked(p, record, bytes);
+    push_record_locked(ln, p, record, bytes);
     if (p.open->bytes >= options_.batch_bytes || p.open->records.size() >= options_.batch_records) seal_locked(p);
   }
 
@@ -1378,19 +1612,17 @@ class ready_accumulator {
     p.open = b;
   }
 
-  void push_record_locked(partition_state& p, Record& record, std::size_t bytes) {
+  void push_record_locked(lane& ln, partition_state& p, Record& record, std::size_t bytes) {
     p.open->records.push_back(std::move(record));  // may throw (allocation): nothing counted yet
     p.open->bytes += bytes;
-    buffer_used_ += bytes;
-    ++appended_;
-    ++resident_records_;
+    count_appended(ln);
   }
 
   void hand_out_locked(batch_node* b, std::vector<batch_handle>& out, std::uint64_t& counter) {
     b->st = state::settled;
-    resident_records_ -= b->records.size();
+    records_out_ += b->records.size();
     counter += b->records.size();
-    buffer_used_ -= b->bytes;
+    buffer_reserved_.fetch_sub(b->bytes, std::memory_order_relaxed);  // relaxed: see buffer_reserved_
     out.push_back(batch_handle(this, b));
   }
 
@@ -1435,7 +1667,7 @@ class ready_accumulator {
       const auto k = n->records.size();
       in_flight_records_ -= k;
       (o == outcome::delivered ? delivered_ : failed_) += k;
-      buffer_used_ -= n->bytes;
+      buffer_reserved_.fetch_sub(n->bytes, std::memory_order_relaxed);  // relaxed: see buffer_reserved_
       wake_space = waiting_head_ != nullptr;
       if (n->muted) {
         partition_state& p = parts_[n->part];
@@ -1518,21 +1750,24 @@ class ready_accumulator {
   const ready_accumulator_options options_;
   const destination_lookup destination_of_;
   Clock clock_;
-  // The lock and what every append writes under it share one cache line, so two appenders pass
-  // one line back and forth per record, not three. The lock spins briefly before parking:
-  // appenders and senders hold it for tens of nanoseconds, and a std::mutex parks at once on
-  // contention (two appenders then convoyed through futex calls and were slower than one).
+  Hash hash_;
+  KeyEqual eq_;
+  const std::size_t lane_count_ = lane_count_for_machine();
+  const unsigned lane_shift_ = 32u - static_cast<unsigned>(std::countr_zero(lane_count_));
+  const std::unique_ptr<lane[]> lanes_ = std::make_unique<lane[]>(lane_count_);
+  // Slice of buffer memory a lane takes at a time: at most 64 KiB, and all lanes' slices together
+  // at most an eighth of the buffer.
+  const std::size_t credit_slice_ = std::clamp<std::size_t>(options_.buffer_bytes / (8 * lane_count_), 1, 64 * 1024);
+  // Shared by lanes (credit) and settling senders: see reserve_locked.
+  alignas(detail::cache_line) std::atomic<std::size_t> buffer_reserved_{0};
+  // The lock spins briefly before parking: senders and appenders that open or seal a batch hold it
+  // for tens of nanoseconds, and a std::mutex parks at once on contention.
   alignas(detail::cache_line) mutable detail::lock_table_mutex mutex_;
   appender* waiting_head_ = nullptr;  // FIFO of appenders blocked on buffer memory
-  std::size_t buffer_used_ = 0;
-  std::uint64_t appended_ = 0;
-  std::uint64_t resident_records_ = 0;
+  std::uint64_t records_out_ = 0;     // appended records no longer resident (drained, handed out)
   std::uint32_t flushing_ = 0;  // begin_flush() calls not yet ended
-  bool closed_ = false;
+  bool closed_ = false;         // written under every lane's lock and mutex_
   bool need_wake_ = false;  // a sender may have to look again: notify sender_ec_ after unlocking
-  alignas(detail::cache_line) Hash hash_;
-  KeyEqual eq_;
-  std::vector<index_slot> index_;  // partition -> id (see find_part_locked)
   stable_vector<partition_state> parts_;
   std::unordered_map<Destination, std::uint32_t, DestHash, DestEqual> dest_index_;
   std::deque<dest_state> dests_;
@@ -1546,7 +1781,7 @@ class ready_accumulator {
   std::vector<std::unique_ptr<batch_node>> nodes_;  // the pool (bounded by peak live batches)
   std::vector<batch_node*> free_nodes_;
   appender* waiting_tail_ = nullptr;
-  std::size_t waiting_count_ = 0;
+  std::size_t waiting_count_ = 0;  // written under every lane's lock and mutex_
   std::uint64_t next_seq_ = 0;
   std::uint64_t delivered_ = 0, failed_ = 0, expired_records_ = 0, taken_records_ = 0;
   std::uint64_t in_flight_records_ = 0, sealed_ = 0, retried_ = 0;
