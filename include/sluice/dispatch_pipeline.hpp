@@ -850,7 +850,7 @@ class dispatch_pipeline {
     // relaxed: a snapshot; the waiter re-checks after every notification.
     std::uint64_t reported = delivered_.load(std::memory_order_relaxed);
     for (const auto& f : failed_) reported += f.load(std::memory_order_relaxed);
-    return reported >= acc_.stats().appended;
+    return reported >= acc_.appended();  // lock-free: every send that happened-before is counted
   }
 
   bool flush_impl(const time_point* deadline) {

@@ -320,8 +320,8 @@ class ready_accumulator {
   /// Seals every open batch now (they become sendable). O(open batches). Thread-safe.
   void flush() {
     {
-      lanes_lock lanes(*this);  // seals open batches
       std::lock_guard lock(mutex_);
+      lanes_lock lanes(*this);  // seals open batches
       seal_all_open_locked();
       kick_ = true;
     }
@@ -333,8 +333,8 @@ class ready_accumulator {
   /// records appended until then). Counted: nested begin/end pairs are fine. Thread-safe.
   void begin_flush() {
     {
-      lanes_lock lanes(*this);  // seals open batches
       std::lock_guard lock(mutex_);
+      lanes_lock lanes(*this);  // seals open batches; appenders read flushing_ under their lane's lock
       ++flushing_;
       seal_all_open_locked();
       kick_ = true;
@@ -344,7 +344,7 @@ class ready_accumulator {
   /// Ends one begin_flush(). Thread-safe.
   void end_flush() {
     std::lock_guard lock(mutex_);
-    if (flushing_ > 0) --flushing_;
+    if (flushing_ > 0) --flushing_;  // read when a batch opens, under mutex_
   }
 
   // ---- sender side -------------------------------------------------------------------------
@@ -361,18 +361,12 @@ class ready_accumulator {
   void ready(ready_result& out) {
     out.destinations.clear();
     out.unknown.clear();
-    std::unique_lock lock(mutex_);
-    lanes_lock lanes(*this, false);
-    time_point now = clock_.now();
-    if (open_batch_due_locked(now)) {  // sealing or expiring an open batch needs its lane too
-      lock.unlock();
-      lanes.lock();
-      lock.lock();
-      now = clock_.now();
-    }
+    std::lock_guard lock(mutex_);
+    const time_point now = clock_.now();
     kick_ = false;
     recheck_unknown_ = false;
     process_timers_locked(now);
+    advance_expiry_locked(now);
     // Re-check partitions already known to lack a destination (reported again, once).
     const std::size_t old_unknown = unknown_.size();
     std::size_t keep = 0;
@@ -395,8 +389,7 @@ class ready_accumulator {
     // (settle_locked above cannot append to unknown_: it only queues on the notification queue.)
     unknown_.erase(unknown_.begin() + static_cast<std::ptrdiff_t>(keep), unknown_.begin() + static_cast<std::ptrdiff_t>(old_unknown));
     while (!notify_.empty()) {
-      const entry e = notify_.front();
-      notify_.pop_front();
+      const entry e = notify_.pop_front();
       partition_state& p = parts_[e.part];
       if (!live(e, p, where_kind::notify)) continue;
       p.where = where_kind::none;
@@ -413,7 +406,6 @@ class ready_accumulator {
       }
     }
     for (std::uint32_t d : active_) out.destinations.push_back(dests_[d].key);
-    advance_expiry_locked(now);
     out.expiry_due = !expired_.empty();
     need_wake_ = false;  // this sender has seen everything queued so far
   }
@@ -614,16 +606,10 @@ class ready_accumulator {
     std::size_t n = 0;
     std::size_t freed = 0;
     {
-      std::unique_lock lock(mutex_);
-      lanes_lock lanes(*this, false);
-      time_point now = clock_.now();
-      if (open_batch_due_locked(now)) {  // expiring an open batch needs its lane too
-        lock.unlock();
-        lanes.lock();
-        lock.lock();
-        now = clock_.now();
-      }
+      std::lock_guard lock(mutex_);
+      const time_point now = clock_.now();
       advance_expiry_locked(now);
+      out.reserve(out.size() + expired_.size());  // may throw: nothing handed out yet (see hand_out_locked)
       for (batch_node* b : expired_) {
         b->st = state::settled;
         records_out_ += b->records.size();
@@ -645,8 +631,8 @@ class ready_accumulator {
   [[nodiscard]] mute_token mute(const Partition& partition) {
     const std::uint32_t h = mix(partition);
     lane& ln = lane_for(h);
-    std::lock_guard lane_guard(ln.mutex);
     std::lock_guard lock(mutex_);
+    std::lock_guard lane_guard(ln.mutex);  // creates the partition on first sight
     const std::uint32_t id = part_id_locked(ln, h, partition);
     ++parts_[id].mutes;
     return mute_token(this, id);
@@ -698,8 +684,8 @@ class ready_accumulator {
   /// waiting senders. Idempotent. Thread-safe.
   void close() {
     {
-      lanes_lock lanes(*this);  // appenders read closed_ under their lane's lock
       std::lock_guard lock(mutex_);
+      lanes_lock lanes(*this);  // appenders read closed_ under their lane's lock
       closed_ = true;
       seal_all_open_locked();
       kick_ = true;
@@ -718,17 +704,19 @@ class ready_accumulator {
   std::size_t take_pending(std::vector<batch_handle>& out) {
     std::size_t n = 0;
     {
-      lanes_lock lanes(*this);  // takes open batches
       std::lock_guard lock(mutex_);
+      lanes_lock lanes(*this);  // takes open batches
       for (std::uint32_t id = 0; id < parts_.size(); ++id) {
         partition_state& p = parts_[id];
         if (p.open != nullptr) {
+          make_room(out);
           batch_node* b = std::exchange(p.open, nullptr);
           ++sealed_;
           hand_out_locked(b, out, taken_records_);
           ++n;
         }
         while (p.head != nullptr) {
+          make_room(out);
           batch_node* b = p.head;
           unlink_locked(p, b);
           hand_out_locked(b, out, taken_records_);
@@ -743,6 +731,7 @@ class ready_accumulator {
           ++p.gen;
         }
       }
+      out.reserve(out.size() + expired_.size());  // may throw: the expired batches stay in expired_
       for (batch_node* b : expired_) {
         hand_out_locked(b, out, expired_records_);
         ++n;
@@ -768,18 +757,20 @@ class ready_accumulator {
     {
       const std::uint32_t h = mix(partition);
       lane& ln = lane_for(h);
-      std::lock_guard lane_guard(ln.mutex);  // takes its open batch
       std::lock_guard lock(mutex_);
+      std::lock_guard lane_guard(ln.mutex);  // takes its open batch
       const std::uint32_t id = find_part_locked(ln, h, partition);
       if (id == no_part) return 0;
       partition_state& p = parts_[id];
       while (p.head != nullptr) {
+        make_room(out);
         batch_node* b = p.head;
         unlink_locked(p, b);
         hand_out_locked(b, out, taken_records_);
         ++n;
       }
       if (p.open != nullptr) {
+        make_room(out);
         batch_node* b = std::exchange(p.open, nullptr);
         ++sealed_;
         hand_out_locked(b, out, taken_records_);
@@ -797,10 +788,14 @@ class ready_accumulator {
     return resident_locked() > 0;
   }
 
-  /// Consistent snapshot of the counters. Thread-safe. O(1).
+  /// Records accepted so far (stats().appended without the locks: it reads each lane's counter).
+  /// Every append that happens-before the call is counted. Thread-safe. Never blocks.
+  [[nodiscard]] std::uint64_t appended() const noexcept { return appended_total(); }
+
+  /// Consistent snapshot of the counters. Thread-safe. O(lanes); locks every lane.
   [[nodiscard]] ready_accumulator_stats stats() const {
-    lanes_lock lanes(*this);  // appended counts and credit live in the lanes
     std::lock_guard lock(mutex_);
+    lanes_lock lanes(*this);  // appended counts and credit live in the lanes
     ready_accumulator_stats s;
     s.appended = appended_total();
     s.delivered = delivered_;
@@ -813,7 +808,7 @@ class ready_accumulator {
     s.batches_retried = retried_;
     s.buffer_used = buffer_used_locked();
     s.buffer_capacity = options_.buffer_bytes;
-    s.waiting_appenders = waiting_count_;
+    s.waiting_appenders = waiting_count_.load(std::memory_order_relaxed);  // relaxed: under mutex_, which every change holds
     s.partitions = parts_.size();
     s.queued_notifications = notify_.size();
     return s;
@@ -823,19 +818,17 @@ class ready_accumulator {
   /// deliver (not queued, not muted, not in backoff, not in flight), partitions with more than one
   /// live queue entry, and counter mismatches. O(partitions + queue entries). Thread-safe.
   [[nodiscard]] audit_report audit() const {
-    lanes_lock lanes(*this);  // reads open batches
     std::lock_guard lock(mutex_);
+    lanes_lock lanes(*this);  // reads open batches
     audit_report r;
     const time_point now = clock_.now();
     std::vector<std::uint32_t> live_entries(parts_.size(), 0);
-    auto count = [&](const auto& list, where_kind w) {
-      for (const entry& e : list) {
-        const partition_state& p = parts_[e.part];
-        if (p.gen == e.gen && p.where == w) ++live_entries[e.part];
-      }
+    auto count = [&](const entry& e, where_kind w) {
+      const partition_state& p = parts_[e.part];
+      if (p.gen == e.gen && p.where == w) ++live_entries[e.part];
     };
-    count(notify_, where_kind::notify);
-    count(unknown_, where_kind::unknown);
+    notify_.for_each([&](const entry& e) { count(e, where_kind::notify); });
+    for (const entry& e : unknown_) count(e, where_kind::unknown);
     for (std::uint32_t d = 0; d < dests_.size(); ++d) {
       for (const entry& e : dests_[d].list) {
         const partition_state& p = parts_[e.part];
@@ -915,6 +908,7 @@ class ready_accumulator {
     std::uint32_t mutes = 0;
     std::uint32_t gen = 0;   // bumped whenever the partition is queued somewhere: older entries go stale
     std::uint32_t dest = 0;  // valid when where == dest
+    std::uint32_t lane = 0;  // its append lane
     where_kind where = where_kind::none;
     bool in_heap = false;
   };
@@ -922,6 +916,42 @@ class ready_accumulator {
   struct entry {
     std::uint32_t part;
     std::uint32_t gen;
+  };
+  // The notification queue: a ring with room for every partition (a partition is in it at most
+  // once), grown when a partition is created, so queueing one never allocates: sealing a batch,
+  // after its record was counted, cannot throw (review of the lanes: an append that threw there
+  // gave its memory back although the record stayed).
+  class entry_ring {
+   public:
+    void reserve(std::size_t n) {  // may throw: nothing changed
+      if (n <= buf_.size()) return;
+      std::vector<entry> bigger(std::bit_ceil(std::max<std::size_t>(n, 16)));
+      for (std::size_t i = 0; i < size_; ++i) bigger[i] = buf_[(head_ + i) & (buf_.size() - 1)];
+      buf_.swap(bigger);
+      head_ = 0;
+    }
+    void push_back(entry e) noexcept {  // precondition: size() < the reserved room
+      buf_[(head_ + size_) & (buf_.size() - 1)] = e;
+      ++size_;
+    }
+    [[nodiscard]] entry pop_front() noexcept {
+      const entry e = buf_[head_];
+      head_ = (head_ + 1) & (buf_.size() - 1);
+      --size_;
+      return e;
+    }
+    [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
+    [[nodiscard]] std::size_t size() const noexcept { return size_; }
+    void clear() noexcept { head_ = size_ = 0; }
+    template <class F>
+    void for_each(F&& f) const {
+      for (std::size_t i = 0; i < size_; ++i) f(buf_[(head_ + i) & (buf_.size() - 1)]);
+    }
+
+   private:
+    std::vector<entry> buf_;
+    std::size_t head_ = 0;
+    std::size_t size_ = 0;
   };
   struct timed {
     batch_node* node;
@@ -979,9 +1009,11 @@ class ready_accumulator {
   // and the open batch of each of its partitions (records, bytes); an append to an open batch that
   // neither opens nor seals one takes only that lock, so appenders to different lanes share no lock
   // and no written line. Everything else (the sealed lists, queues, timers, pool, counters) is
-  // under mutex_. Lock order: lanes in index order, then mutex_; a thread that holds mutex_ never
-  // waits for a lane. A batch leaves the open state only under its lane's lock and mutex_, so
-  // p.open and a node's state may be read under either, its records and bytes under the lane's.
+  // under mutex_. Lock order: mutex_, then lanes (several only in index order, by one thread at a
+  // time: it holds mutex_). An appender never holds its lane while it waits for mutex_, so a
+  // sender under mutex_ waits for a lane only as long as one append into an open batch takes. A
+  // batch opens and leaves the open state only under its lane's lock and mutex_, so p.open and a
+  // node's state may be read under either, its records and bytes under the lane's.
   static constexpr std::uint32_t no_part = std::numeric_limits<std::uint32_t>::max();
   struct index_slot {
     std::uint32_t hash = 0;
@@ -996,8 +1028,8 @@ class ready_accumulator {
     std::size_t size = 0;
   };
 
-  // Locks every lane (in index order), for the paths that seal, expire or take open batches or
-  // read every lane's counters; mutex_ is taken after it.
+  // Locks every lane (in index order) under mutex_, for the paths that seal or take every open
+  // batch or read every lane's counters.
   class lanes_lock {
    public:
     explicit lanes_lock(const ready_accumulator& a, bool now = true) noexcept : a_(a) {
@@ -1018,6 +1050,30 @@ class ready_accumulator {
    private:
     const ready_accumulator& a_;
     bool held_ = false;
+  };
+
+  // Under mutex_: holds one partition's lane at a time, for the timer paths that seal or expire
+  // open batches one by one (appenders in other lanes go on meanwhile).
+  class lane_hold {
+   public:
+    explicit lane_hold(const ready_accumulator& a) noexcept : a_(a) {}
+    lane_hold(const lane_hold&) = delete;
+    lane_hold& operator=(const lane_hold&) = delete;
+    ~lane_hold() { release(); }
+    void take(const partition_state& p) noexcept {
+      lane* l = &a_.lanes_[p.lane];
+      if (l == held_) return;
+      release();
+      l->mutex.lock();
+      held_ = l;
+    }
+    void release() noexcept {
+      if (held_ != nullptr) std::exchange(held_, nullptr)->mutex.unlock();
+    }
+
+   private:
+    const ready_accumulator& a_;
+    lane* held_ = nullptr;
   };
 
   static std::size_t lane_count_for_machine() noexcept {
@@ -1079,8 +1135,10 @@ class ready_accumulator {
       }
       ln.index.swap(bigger);
     }
+    notify_.reserve(parts_.size() + 1);  // may throw: nothing changed (room grows, nothing else)
     const auto id = static_cast<std::uint32_t>(parts_.size());
     parts_.emplace_back(partition);  // stable: references to other partitions stay valid; may throw
+    parts_[id].lane = static_cast<std::uint32_t>(&ln - lanes_.get());
     place(ln.index, index_slot{h, id, &parts_[id]});
     ++ln.size;
     return id;
@@ -1095,7 +1153,9 @@ class ready_accumulator {
   // Under ln.mutex: takes `bytes` of buffer memory for this lane's next append. False if an
   // appender is waiting (they go first) or the cap would be passed: the caller takes the slow path.
   bool reserve_locked(lane& ln, std::size_t bytes) noexcept {
-    if (waiting_count_ != 0) return false;  // written under every lane's lock: stable under ours
+    // relaxed: its 0 -> 1 step happens under every lane's lock, so under ours 0 means nobody waits
+    // (a stale non-zero only sends this append down the slow path).
+    if (waiting_count_.load(std::memory_order_relaxed) != 0) return false;
     if (ln.credit >= bytes) {
       ln.credit -= bytes;
       return true;
@@ -1170,7 +1230,7 @@ class ready_accumulator {
     return b;
   }
 
-  void notify_locked(std::uint32_t id) {
+  void notify_locked(std::uint32_t id) noexcept {
     partition_state& p = parts_[id];
     if (p.where != where_kind::none) return;  // already queued: at most once
     p.where = where_kind::notify;
@@ -1262,12 +1322,19 @@ class ready_accumulator {
     b->prev = b->next = nullptr;
   }
 
-  void seal_locked(partition_state& p) {
+  // Never throws: an append calls it after its record was counted.
+  void seal_locked(partition_state& p) noexcept {
     batch_node* b = std::exchange(p.open, nullptr);
     b->st = state::sealed;
     ++sealed_;
     link_tail_locked(p, b);
-    if (p.head == b) settle_now_locked(b->part);
+    if (p.head != b) return;  // behind older sealed batches: the partition is settled already
+    // settle_locked() for a fresh head, which is never in backoff: no heap insert, nothing to allocate.
+    if (p.in_heap) {
+      backoff_heap_.erase(backoff_heap_.find(b->part));
+      p.in_heap = false;
+    }
+    if (p.mutes == 0) notify_locked(b->part);
   }
 
   void seal_all_open_locked() {
@@ -1278,20 +1345,19 @@ class ready_accumulator {
     linger_fifo_.clear();
   }
 
-  // Whether a linger or delivery deadline has passed that may seal or expire an open batch (the
-  // callers then take every lane's lock as well). Stale entries make it err towards true.
-  bool open_batch_due_locked(time_point now) const noexcept {
-    if (!linger_fifo_.empty() && linger_fifo_.front().deadline <= now) return true;
-    return options_.delivery_timeout && !expiry_fifo_.empty() && expiry_fifo_.front().deadline <= now;
-  }
-
-  // Under every lane's lock (or, if nothing is due, just mutex_) and mutex_.
+  // Under mutex_ (not a lane's lock: each due open batch's lane is taken here).
   void process_timers_locked(time_point now) {
+    lane_hold hold(*this);
     while (!linger_fifo_.empty() && linger_fifo_.front().deadline <= now) {
       const timed t = linger_fifo_.front();
       linger_fifo_.pop_front();
-      if (t.node->gen == t.gen && t.node->st == state::open) seal_locked(parts_[t.node->part]);
+      if (t.node->gen == t.gen && t.node->st == state::open) {
+        partition_state& p = parts_[t.node->part];
+        hold.take(p);
+        seal_locked(p);
+      }
     }
+    hold.release();
     while (!backoff_heap_.empty() && backoff_heap_.top_deadline() <= now) {
       const std::uint32_t id = backoff_heap_.pop_top().first.key;
       parts_[id].in_heap = false;
@@ -1315,10 +1381,15 @@ class ready_accumulator {
   }
 
   // Moves every batch past its delivery deadline onto expired_ (in-flight ones are only marked:
-  // they expire when reenqueued). O(entries whose deadline passed).
+  // they expire when reenqueued). O(entries whose deadline passed). Under mutex_ (not a lane's
+  // lock: an open batch's lane is taken here).
   void advance_expiry_locked(time_point now) {
     if (!options_.delivery_timeout) return;
+    lane_hold hold(*this);
     while (!expiry_fifo_.empty() && expiry_fifo_.front().deadline <= now) {
+      // What can allocate first: on a throw this entry is still queued and nothing changed.
+      if (expired_.size() == expired_.capacity()) expired_.reserve(std::max<std::size_t>(16, expired_.capacity() * 2));
+      backoff_heap_.reserve_one();  // for settle_locked() below
       const timed e = expiry_fifo_.front();
       expiry_fifo_.pop_front();
       if (!expiry_live(e)) continue;
@@ -1329,6 +1400,7 @@ class ready_accumulator {
       }
       partition_state& p = parts_[b->part];
       if (b->st == state::open) {
+        hold.take(p);  // no append may be adding to it
         p.open = nullptr;
         ++sealed_;
       } else {
@@ -1402,62 +1474,83 @@ class ready_accumulator {
   // The record is moved from only when ok is returned.
   append_status append_impl(const Partition& partition, Record& record, std::size_t bytes, bool wait,
                             const time_point* deadline, const std::stop_token* stop) {
+    if (bytes > options_.max_request_bytes || bytes > options_.buffer_bytes) {
+      std::lock_guard lock(mutex_);  // closed wins, as for every other record
+      return closed_ ? append_status::closed : append_status::too_large;
+    }
     const std::uint32_t h = mix(partition);  // may throw (the caller's hash): nothing changed
     lane& ln = lane_for(h);
     {
-      std::unique_lock lane_guard(ln.mutex);
+      // The common case: the lane alone.
+      std::lock_guard lane_guard(ln.mutex);
       if (closed_) return append_status::closed;
-      if (bytes > options_.max_request_bytes || bytes > options_.buffer_bytes) return append_status::too_large;
       if (reserve_locked(ln, bytes)) {
-        bool wake = false;
+        bool appended = false;
         try {
-          if (!append_to_open_locked(ln, h, partition, record, bytes)) {
-            std::lock_guard lock(mutex_);
-            append_locked(ln, h, partition, record, bytes);
-            wake = std::exchange(need_wake_, false);
-          }
+          appended = append_to_open_locked(ln, h, partition, record, bytes);
         } catch (...) {
           ln.credit += bytes;  // nothing was counted: the reservation goes back
           throw;
         }
+        if (appended) return append_status::ok;
+        ln.credit += bytes;  // re-reserved below, under both locks
+      }
+    }
+    // A batch opens or seals (or the partition is new): mutex_, then the lane.
+    std::unique_lock lock(mutex_);
+    {
+      std::unique_lock lane_guard(ln.mutex);
+      if (closed_) return append_status::closed;
+      if (reserve_locked(ln, bytes)) {
+        try {
+          append_locked(ln, h, partition, record, bytes);
+        } catch (...) {
+          ln.credit += bytes;
+          throw;
+        }
+        const bool wake = std::exchange(need_wake_, false);
         lane_guard.unlock();
+        lock.unlock();
         if (wake) sender_ec_.notify_all();
         return append_status::ok;
       }
     }
-    // Slow path: an appender waits, or this lane's credit and the shared pool are exhausted. With
-    // every lane locked, the lanes' unused credit is given back and the cap is checked exactly.
-    lanes_lock lanes(*this);
-    std::unique_lock lock(mutex_);
-    if (closed_) return append_status::closed;
-    reclaim_credit_locked();
-    if (waiting_head_ == nullptr && take_exact_locked(bytes)) {
-      append_reserved_locked(ln, h, partition, record, bytes);
-      const bool wake = std::exchange(need_wake_, false);
-      lock.unlock();
-      lanes.unlock();
-      if (wake) sender_ec_.notify_all();
-      return append_status::ok;
-    }
-    if (!wait) return append_status::full;
-    struct waker {
-      detail::event_count* ec;
-      void operator()() const noexcept { ec->notify_all(); }
-    };
-    appender self;
-    const bool first_waiter = waiting_head_ == nullptr;
-    if (waiting_tail_ != nullptr) waiting_tail_->next = &self; else waiting_head_ = &self;
-    waiting_tail_ = &self;
-    ++waiting_count_;  // under every lane's lock: from now on no lane takes credit
-    if (first_waiter) {
+    // Slow path (mutex_ held): appenders wait, or this lane's credit and the shared pool are
+    // exhausted. The first waiter locks every lane, takes their unused credit back and checks the
+    // cap exactly; while anyone waits no lane takes credit, so later waiters need only mutex_ (and
+    // their own lane to append).
+    if (waiting_head_ == nullptr) {
+      lanes_lock lanes(*this);
+      reclaim_credit_locked();
+      if (take_exact_locked(bytes)) {
+        append_reserved_locked(ln, h, partition, record, bytes);
+        const bool wake = std::exchange(need_wake_, false);
+        lanes.unlock();
+        lock.unlock();
+        if (wake) sender_ec_.notify_all();
+        return append_status::ok;
+      }
+      if (!wait) return append_status::full;
       // The buffer is exhausted: waiting out the linger of open batches would only keep memory
       // tied up, so everything open is sendable now, and batches opened while appenders wait are
       // due at once (Kafka's RecordAccumulator treats an exhausted buffer the same way).
       seal_all_open_locked();
       kick_ = true;
       need_wake_ = true;
+      // 0 -> 1 under every lane's lock: from now on no lane takes credit (see reserve_locked).
+      waiting_count_.store(1, std::memory_order_relaxed);  // relaxed: the lane locks order it
+    } else {
+      if (!wait) return append_status::full;  // no barging past the waiters
+      waiting_count_.fetch_add(1, std::memory_order_relaxed);  // relaxed: stays > 0, as lanes read it
     }
-    auto leave = [&]() {
+    struct waker {
+      detail::event_count* ec;
+      void operator()() const noexcept { ec->notify_all(); }
+    };
+    appender self;
+    if (waiting_tail_ != nullptr) waiting_tail_->next = &self; else waiting_head_ = &self;
+    waiting_tail_ = &self;
+    auto leave = [&]() noexcept {
       // Unlink self (FIFO list; O(waiters) in the rare timeout/cancel case).
       appender* prev = nullptr;
       for (appender* a = waiting_head_; a != nullptr; prev = a, a = a->next) {
@@ -1467,17 +1560,16 @@ class ready_accumulator {
           break;
         }
       }
-      --waiting_count_;
+      // relaxed: a lane that still reads the old count only takes the slow path once more.
+      waiting_count_.fetch_sub(1, std::memory_order_relaxed);
     };
     const bool wake_sender = std::exchange(need_wake_, false);
     lock.unlock();
-    lanes.unlock();
     if (wake_sender) sender_ec_.notify_all();
     std::optional<std::stop_callback<waker>> on_stop;
     if (stop != nullptr && stop->stop_possible()) on_stop.emplace(*stop, waker{&space_ec_});
     for (;;) {
       const auto key = space_ec_.prepare_wait();
-      lanes.lock();
       lock.lock();
       append_status result = append_status::ok;
       bool done = true;
@@ -1485,11 +1577,11 @@ class ready_accumulator {
         result = append_status::closed;
       } else if (waiting_head_ == &self && take_exact_locked(bytes)) {
         try {
+          std::lock_guard lane_guard(ln.mutex);
           append_reserved_locked(ln, h, partition, record, bytes);
         } catch (...) {
           leave();
           lock.unlock();
-          lanes.unlock();
           space_ec_.cancel_wait();
           space_ec_.notify_all();  // the next waiter re-checks
           throw;
@@ -1507,14 +1599,12 @@ class ready_accumulator {
         const bool next_waits = was_head && waiting_head_ != nullptr;
         const bool wake = std::exchange(need_wake_, false);
         lock.unlock();
-        lanes.unlock();
         space_ec_.cancel_wait();
         if (next_waits) space_ec_.notify_all();  // the new head re-checks the space
         if (wake) sender_ec_.notify_all();
         return result;
       }
       lock.unlock();
-      lanes.unlock();
       if (deadline != nullptr) {
         (void)clock_.wait_until(space_ec_, key, *deadline);
       } else {
@@ -1523,7 +1613,8 @@ class ready_accumulator {
     }
   }
 
-  // Under every lane's lock and mutex_ (no lane holds credit): takes exactly `bytes` if they fit.
+  // Under mutex_, with no lane holding credit (every lane locked after reclaim_credit_locked(), or
+  // appenders waiting): takes exactly `bytes` if they fit.
   bool take_exact_locked(std::size_t bytes) noexcept {
     const std::size_t cur = buffer_reserved_.load(std::memory_order_relaxed);  // relaxed: writers excluded
     if (cur > options_.buffer_bytes || options_.buffer_bytes - cur < bytes) return false;
@@ -1618,7 +1709,14 @@ class ready_accumulator {
     count_appended(ln);
   }
 
-  void hand_out_locked(batch_node* b, std::vector<batch_handle>& out, std::uint64_t& counter) {
+  // Room for one more handle, called before a batch is taken off its partition (review of the
+  // lanes: a push_back that threw destroyed the new handle, whose destructor re-took the lock
+  // this thread holds). May throw: nothing was taken yet.
+  static void make_room(std::vector<batch_handle>& out) {
+    if (out.size() == out.capacity()) out.reserve(std::max<std::size_t>(16, out.capacity() * 2));
+  }
+  // Precondition: make_room(out) since the last push (the push_back below cannot throw).
+  void hand_out_locked(batch_node* b, std::vector<batch_handle>& out, std::uint64_t& counter) noexcept {
     b->st = state::settled;
     records_out_ += b->records.size();
     counter += b->records.size();
@@ -1772,7 +1870,7 @@ class ready_accumulator {
   std::unordered_map<Destination, std::uint32_t, DestHash, DestEqual> dest_index_;
   std::deque<dest_state> dests_;
   std::vector<std::uint32_t> active_;  // destinations whose list is non-empty
-  std::deque<entry> notify_;           // the notification queue
+  entry_ring notify_;                  // the notification queue
   std::vector<entry> unknown_;         // partitions with sendable batches and no destination
   std::deque<timed> linger_fifo_;      // open batches by linger deadline (monotonic)
   std::deque<timed> expiry_fifo_;      // batches by delivery deadline (monotonic)
@@ -1781,7 +1879,7 @@ class ready_accumulator {
   std::vector<std::unique_ptr<batch_node>> nodes_;  // the pool (bounded by peak live batches)
   std::vector<batch_node*> free_nodes_;
   appender* waiting_tail_ = nullptr;
-  std::size_t waiting_count_ = 0;  // written under every lane's lock and mutex_
+  std::atomic<std::size_t> waiting_count_{0};  // appenders in the FIFO; changed under mutex_ (0 -> 1 under every lane's lock too)
   std::uint64_t next_seq_ = 0;
   std::uint64_t delivered_ = 0, failed_ = 0, expired_records_ = 0, taken_records_ = 0;
   std::uint64_t in_flight_records_ = 0, sealed_ = 0, retried_ = 0;
