@@ -607,8 +607,8 @@ class dispatch_pipeline {
   }
 
   void count_failed(failure_reason reason, std::uint64_t n) noexcept {
-    // relaxed: statistics (waiters re-check after idle_ec_ notifications, which are fenced).
-    if (n > 0) failed_[static_cast<std::size_t>(reason)].fetch_add(n, std::memory_order_relaxed);
+    // release: pairs with quiescent()'s acquire (see there).
+    if (n > 0) failed_[static_cast<std::size_t>(reason)].fetch_add(n, std::memory_order_release);
   }
 
   enum class settle_mode : std::uint8_t { drop, fail, detach };  // handle already settled / fail() / fail_detached()
@@ -678,7 +678,7 @@ class dispatch_pipeline {
           std::uint64_t n = 0;
           for (envelope& e : b.records()) n += report(e, delivery_report{failure_reason::none, persistence::persisted, e.retries});
           queue_time_.record(std::chrono::duration_cast<std::chrono::nanoseconds>(now - b.first_append()), n);
-          delivered_.fetch_add(n, std::memory_order_relaxed);  // relaxed: statistic
+          delivered_.fetch_add(n, std::memory_order_release);  // release: pairs with quiescent()
           break;  // settled below, with the request's other delivered batches, under one lock
         }
         case send_result::permanent:
@@ -847,10 +847,12 @@ class dispatch_pipeline {
   }
 
   bool quiescent() const {
-    // relaxed: a snapshot; the waiter re-checks after every notification.
-    std::uint64_t reported = delivered_.load(std::memory_order_relaxed);
-    for (const auto& f : failed_) reported += f.load(std::memory_order_relaxed);
-    return reported >= acc_.appended();  // lock-free: every send that happened-before is counted
+    // acquire: a report counted here happened after its record's append (through the
+    // accumulator's locks), so appended() read after it counts that append too, on any CPU:
+    // reports can never cover for a record not yet reported (review of the lanes, N2).
+    std::uint64_t reported = delivered_.load(std::memory_order_acquire);
+    for (const auto& f : failed_) reported += f.load(std::memory_order_acquire);
+    return reported >= acc_.appended();  // lock-free; counts every send that happened-before
   }
 
   bool flush_impl(const time_point* deadline) {

@@ -48,8 +48,9 @@
 //   spread over append lanes by hash: an append to an open batch that neither opens nor seals one
 //   takes only its lane's lock and reserves memory from its lane's credit, so appenders to
 //   different partitions rarely meet; opening or sealing a batch and every sender operation take
-//   the one accumulator lock (locks spin briefly before they park). Linger seals, flush(), close(),
-//   stats() and audit() take every lane's lock too. Hash and KeyEqual are called concurrently.
+//   the one accumulator lock (locks spin briefly before they park), then the lane of a batch they
+//   open, seal or expire; flush(), close(), take_pending(), stats(), audit() and the first appender
+//   that blocks take every lane's lock. Hash and KeyEqual are called concurrently.
 // Never: scans partitions in append/ready/drain/wait_ready (only audit(), take_pending(), flush()
 // and close(), which walk open batches or everything), polls, or busy-waits. A batch handle that is
 // destroyed without being settled counts its records as failed (nothing vanishes).
@@ -72,6 +73,8 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <functional>
 #include <limits>
@@ -334,7 +337,7 @@ class ready_accumulator {
   void begin_flush() {
     {
       std::lock_guard lock(mutex_);
-      lanes_lock lanes(*this);  // seals open batches; appenders read flushing_ under their lane's lock
+      lanes_lock lanes(*this);  // seals open batches
       ++flushing_;
       seal_all_open_locked();
       kick_ = true;
@@ -369,22 +372,32 @@ class ready_accumulator {
     advance_expiry_locked(now);
     // Re-check partitions already known to lack a destination (reported again, once).
     const std::size_t old_unknown = unknown_.size();
+    // An allocation that fails below (a new destination, a list entry, a backoff entry, `out`)
+    // leaves the partition listed or queued, so nothing is lost; the exception propagates.
     std::size_t keep = 0;
-    for (std::size_t i = 0; i < old_unknown; ++i) {
-      const entry e = unknown_[i];
-      partition_state& p = parts_[e.part];
-      if (!live(e, p, where_kind::unknown)) continue;
-      if (!sendable(p, now)) {
-        p.where = where_kind::none;
-        settle_locked(e.part, now);
-        continue;
+    std::size_t i = 0;
+    try {
+      for (; i < old_unknown; ++i) {
+        const entry e = unknown_[i];
+        partition_state& p = parts_[e.part];
+        if (!live(e, p, where_kind::unknown)) continue;
+        if (!sendable(p, now)) {
+          p.where = where_kind::none;
+          settle_locked(e.part, now);
+          continue;
+        }
+        if (auto d = route(p.key)) {
+          to_destination_locked(e.part, *d);  // strong guarantee
+        } else {
+          out.unknown.push_back(p.key);  // first: if it throws, the entry is still unprocessed
+          unknown_[keep++] = e;
+        }
       }
-      if (auto d = route(p.key)) {
-        to_destination_locked(e.part, *d);
-      } else {
-        unknown_[keep++] = e;
-        out.unknown.push_back(p.key);
-      }
+    } catch (...) {
+      if (parts_[unknown_[i].part].where == where_kind::none) notify_locked(unknown_[i].part);  // settle threw
+      for (; i < old_unknown; ++i) unknown_[keep++] = unknown_[i];
+      unknown_.erase(unknown_.begin() + static_cast<std::ptrdiff_t>(keep), unknown_.begin() + static_cast<std::ptrdiff_t>(old_unknown));
+      throw;
     }
     // (settle_locked above cannot append to unknown_: it only queues on the notification queue.)
     unknown_.erase(unknown_.begin() + static_cast<std::ptrdiff_t>(keep), unknown_.begin() + static_cast<std::ptrdiff_t>(old_unknown));
@@ -393,16 +406,22 @@ class ready_accumulator {
       partition_state& p = parts_[e.part];
       if (!live(e, p, where_kind::notify)) continue;
       p.where = where_kind::none;
-      if (!sendable(p, now)) {
-        settle_locked(e.part, now);  // arms the backoff entry if that is why; else nothing to do
-        continue;
-      }
-      if (auto d = route(p.key)) {
-        to_destination_locked(e.part, *d);
-      } else {
-        p.where = where_kind::unknown;
-        unknown_.push_back(entry{e.part, ++p.gen});
-        out.unknown.push_back(p.key);
+      try {
+        if (!sendable(p, now)) {
+          settle_locked(e.part, now);  // arms the backoff entry if that is why; else nothing to do
+          continue;
+        }
+        if (auto d = route(p.key)) {
+          to_destination_locked(e.part, *d);  // strong guarantee
+        } else {
+          unknown_.push_back(entry{e.part, p.gen + 1});  // may throw: nothing changed yet
+          ++p.gen;
+          p.where = where_kind::unknown;
+          out.unknown.push_back(p.key);  // may throw: it is listed, and reported next time
+        }
+      } catch (...) {
+        if (p.where == where_kind::none) notify_locked(e.part);  // back on the queue (it just left it: room)
+        throw;
       }
     }
     for (std::uint32_t d : active_) out.destinations.push_back(dests_[d].key);
@@ -706,17 +725,25 @@ class ready_accumulator {
     {
       std::lock_guard lock(mutex_);
       lanes_lock lanes(*this);  // takes open batches
+      // Room for every handle first (review of the lanes, N1: a throw half-way left partitions
+      // reset while their queue entries stayed, and the notification ring overflowed). Nothing
+      // below throws.
+      std::size_t batches = expired_.size();
+      for (std::uint32_t id = 0; id < parts_.size(); ++id) {
+        const partition_state& p = parts_[id];
+        batches += p.open != nullptr ? 1 : 0;
+        for (const batch_node* b = p.head; b != nullptr; b = b->next) ++batches;
+      }
+      out.reserve(out.size() + batches);  // may throw: nothing taken
       for (std::uint32_t id = 0; id < parts_.size(); ++id) {
         partition_state& p = parts_[id];
         if (p.open != nullptr) {
-          make_room(out);
           batch_node* b = std::exchange(p.open, nullptr);
           ++sealed_;
           hand_out_locked(b, out, taken_records_);
           ++n;
         }
         while (p.head != nullptr) {
-          make_room(out);
           batch_node* b = p.head;
           unlink_locked(p, b);
           hand_out_locked(b, out, taken_records_);
@@ -731,7 +758,6 @@ class ready_accumulator {
           ++p.gen;
         }
       }
-      out.reserve(out.size() + expired_.size());  // may throw: the expired batches stay in expired_
       for (batch_node* b : expired_) {
         hand_out_locked(b, out, expired_records_);
         ++n;
@@ -930,7 +956,8 @@ class ready_accumulator {
       buf_.swap(bigger);
       head_ = 0;
     }
-    void push_back(entry e) noexcept {  // precondition: size() < the reserved room
+    void push_back(entry e) noexcept {
+      if (size_ == buf_.size()) invariant_broken("notification queue overflow (a partition queued twice)");
       buf_[(head_ + size_) & (buf_.size() - 1)] = e;
       ++size_;
     }
@@ -970,6 +997,13 @@ class ready_accumulator {
   using heap_t = detail::indexed_heap<std::uint32_t, unsigned char, time_point>;
 
   static constexpr time_point no_retry() noexcept { return time_point::min(); }
+
+  // A broken internal invariant (a bug in this file): say which, and stop before anything is lost
+  // silently.
+  [[noreturn]] static void invariant_broken(const char* what) noexcept {
+    std::fprintf(stderr, "sluice::ready_accumulator: internal invariant broken: %s\n", what);
+    std::abort();
+  }
 
   static ready_accumulator_options validate(const ready_accumulator_options& o) {
     auto fail = [](const char* field, const std::string& what) {
@@ -1023,7 +1057,7 @@ class ready_accumulator {
   struct alignas(detail::cache_line) lane {
     mutable detail::lock_table_mutex mutex;
     std::size_t credit = 0;  // buffer bytes this lane reserved and has not used yet (see reserve_locked)
-    std::atomic<std::uint64_t> appended{0};  // written under `mutex` only; atomic for has_pending_work()
+    std::atomic<std::uint64_t> appended{0};  // written under `mutex` only; atomic for appended() and has_pending_work()
     std::vector<index_slot> index;  // open addressing (linear probing) over {mixed hash, id}
     std::size_t size = 0;
   };
@@ -1202,8 +1236,13 @@ class ready_accumulator {
     auto it = dest_index_.find(d);
     if (it != dest_index_.end()) return it->second;
     const auto id = static_cast<std::uint32_t>(dests_.size());
-    dests_.emplace_back(d);
-    dest_index_.emplace(d, id);
+    dests_.emplace_back(d);  // may throw: nothing changed
+    try {
+      dest_index_.emplace(d, id);
+    } catch (...) {
+      dests_.pop_back();
+      throw;
+    }
     return id;
   }
 
@@ -1269,16 +1308,19 @@ class ready_accumulator {
     if (p.mutes == 0) notify_locked(id);
   }
 
+  // Strong guarantee: if an allocation throws, the partition is as it was.
   void to_destination_locked(std::uint32_t id, const Destination& d) {
     const std::uint32_t did = dest_id_locked(d);
     partition_state& p = parts_[id];
+    dest_state& ds = dests_[did];
+    if (!ds.active && active_.size() == active_.capacity()) active_.reserve(std::max<std::size_t>(8, active_.capacity() * 2));
+    ds.list.push_back(entry{id, p.gen + 1});
+    ++p.gen;
     p.where = where_kind::dest;
     p.dest = did;
-    dest_state& ds = dests_[did];
-    ds.list.push_back(entry{id, ++p.gen});
     if (!ds.active) {
       ds.active = true;
-      active_.push_back(did);
+      active_.push_back(did);  // reserved above: does not throw
     }
   }
 
