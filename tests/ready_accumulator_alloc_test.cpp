@@ -233,3 +233,52 @@ TEST_CASE("ready_accumulator: a take_pending or ready that fails leaves every pa
   CHECK(s.pending == unknown_records);
   CHECK(acc.audit().clean());
 }
+
+TEST_CASE("ready_accumulator: a drain that fails leaves every partition queued, and the sender is told") {
+  if (!can_inject) {
+    WARN("allocation failures cannot be injected under a sanitizer: not run");
+    return;
+  }
+  // Review of the lanes, M1: drain() re-queued a partition with more batches at the back of its
+  // destination's list after handing its head out; when that allocation failed the partition was
+  // queued nowhere and later seals never re-notified it. L1: a ready() that failed cleared the
+  // flags that make wait_ready() return, so a sender could park with work listed.
+  sluice::ready_accumulator_options o;
+  o.batch_records = 1;  // every append seals: three batches per partition
+  o.max_request_bytes = 1 << 20;
+  o.linger = 1h;
+  manual_clock clock;
+  acc_t acc(o, [](int) { return std::optional<int>(0); }, clock);
+  constexpr int partitions = 100;
+  std::uint64_t sent = 0;
+  for (int round = 0; round < 3; ++round) {
+    for (int p = 0; p < partitions; ++p) {
+      REQUIRE(acc.append(p, rec(p), 10) == append_status::ok);
+      ++sent;
+    }
+  }
+  (void)acc.ready();
+  std::vector<acc_t::batch_handle> got;
+  got.reserve(4 * partitions);  // drain's own reserve does not allocate: what fails is the rotation
+  std::uint64_t delivered = 0;
+  auto complete_all = [&] {
+    for (auto& b : got) {
+      delivered += b.records().size();
+      acc.complete(std::move(b));
+    }
+    got.clear();
+  };
+  const int failures = with_each_allocation_failing([&] { (void)acc.drain(0, 1 << 20, got); }, [&] {
+    CHECK(acc.audit().clean());
+    CHECK(acc.wait_ready_for(0s) == sluice::ready_status::ready);  // the sender is told to look again
+  });
+  complete_all();
+  for (int round = 0; round < 6 && delivered < sent; ++round) {
+    (void)acc.ready();
+    while (acc.drain(0, 1 << 20, got) > 0) complete_all();
+  }
+  CHECK(delivered == sent);
+  CHECK(acc.stats().pending == 0);
+  CHECK(acc.audit().clean());
+  (void)failures;
+}

@@ -394,6 +394,7 @@ class ready_accumulator {
         }
       }
     } catch (...) {
+      kick_ = recheck_unknown_ = true;  // the sender must look again (review of the lanes, L1)
       if (parts_[unknown_[i].part].where == where_kind::none) notify_locked(unknown_[i].part);  // settle threw
       for (; i < old_unknown; ++i) unknown_[keep++] = unknown_[i];
       unknown_.erase(unknown_.begin() + static_cast<std::ptrdiff_t>(keep), unknown_.begin() + static_cast<std::ptrdiff_t>(old_unknown));
@@ -420,6 +421,7 @@ class ready_accumulator {
           out.unknown.push_back(p.key);  // may throw: it is listed, and reported next time
         }
       } catch (...) {
+        kick_ = true;  // the sender must look again
         if (p.where == where_kind::none) notify_locked(e.part);  // back on the queue (it just left it: room)
         throw;
       }
@@ -494,7 +496,7 @@ class ready_accumulator {
       if (!sendable(p, now)) {
         ds.list.pop_front();
         p.where = where_kind::none;
-        settle_locked(e.part, now);
+        settle_or_notify_locked(e.part, now);
         continue;
       }
       auto d = route(p.key);
@@ -507,6 +509,17 @@ class ready_accumulator {
       }
       batch_node* b = p.head;
       if (taken > 0 && total + b->bytes > max_request_bytes) break;  // stays at the front
+      // Still has batches after this one: back of the line (rotation). Queued before anything is
+      // taken, so a failed allocation leaves the partition where it was (review of the lanes, M1).
+      const bool rotate = b->next != nullptr && !mute_drained;
+      if (rotate) {
+        try {
+          ds.list.push_back(e);
+        } catch (...) {
+          kick_ = true;  // nothing changed, but the caller's next wait_ready() must not park on it
+          throw;
+        }
+      }
       ds.list.pop_front();
       unlink_locked(p, b);
       b->st = state::in_flight;
@@ -517,11 +530,9 @@ class ready_accumulator {
       out.push_back(batch_handle(this, b));
       total += b->bytes;
       ++taken;
-      if (p.head != nullptr && !mute_drained) {
-        ds.list.push_back(e);  // still has batches: back of the line (rotation)
-      } else {
+      if (!rotate) {
         p.where = where_kind::none;
-        if (p.head != nullptr) settle_locked(e.part, now);
+        if (p.head != nullptr) settle_or_notify_locked(e.part, now);
       }
     }
     if (ds.list.empty()) deactivate_locked(did);
@@ -788,21 +799,23 @@ class ready_accumulator {
       const std::uint32_t id = find_part_locked(ln, h, partition);
       if (id == no_part) return 0;
       partition_state& p = parts_[id];
+      // All or nothing (gapless order relies on it): room for every handle first.
+      std::size_t batches = p.open != nullptr ? 1 : 0;
+      for (const batch_node* b = p.head; b != nullptr; b = b->next) ++batches;
+      out.reserve(out.size() + batches);  // may throw: nothing taken
       while (p.head != nullptr) {
-        make_room(out);
         batch_node* b = p.head;
         unlink_locked(p, b);
         hand_out_locked(b, out, taken_records_);
         ++n;
       }
       if (p.open != nullptr) {
-        make_room(out);
         batch_node* b = std::exchange(p.open, nullptr);
         ++sealed_;
         hand_out_locked(b, out, taken_records_);
         ++n;
       }
-      settle_locked(id, clock_.now());  // drops its backoff entry; a stale queue entry is skipped later
+      settle_or_notify_locked(id, clock_.now());  // drops its backoff entry; a stale queue entry is skipped later
     }
     if (n > 0) space_ec_.notify_all();
     return n;
@@ -1309,6 +1322,16 @@ class ready_accumulator {
   }
 
   // Strong guarantee: if an allocation throws, the partition is as it was.
+  // settle_locked() that cannot fail: if the backoff heap cannot grow, the partition is queued for
+  // the sender instead, whose next ready() settles it again.
+  void settle_or_notify_locked(std::uint32_t id, time_point now) noexcept {
+    try {
+      settle_locked(id, now);
+    } catch (...) {
+      notify_locked(id);
+    }
+  }
+
   void to_destination_locked(std::uint32_t id, const Destination& d) {
     const std::uint32_t did = dest_id_locked(d);
     partition_state& p = parts_[id];
@@ -1751,13 +1774,8 @@ class ready_accumulator {
     count_appended(ln);
   }
 
-  // Room for one more handle, called before a batch is taken off its partition (review of the
-  // lanes: a push_back that threw destroyed the new handle, whose destructor re-took the lock
-  // this thread holds). May throw: nothing was taken yet.
-  static void make_room(std::vector<batch_handle>& out) {
-    if (out.size() == out.capacity()) out.reserve(std::max<std::size_t>(16, out.capacity() * 2));
-  }
-  // Precondition: make_room(out) since the last push (the push_back below cannot throw).
+  // Precondition: the caller reserved room in `out` (review of the lanes: a push_back that threw
+  // destroyed the new handle, whose destructor re-took the lock this thread holds).
   void hand_out_locked(batch_node* b, std::vector<batch_handle>& out, std::uint64_t& counter) noexcept {
     b->st = state::settled;
     records_out_ += b->records.size();
