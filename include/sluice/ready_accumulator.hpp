@@ -51,6 +51,10 @@
 //   the one accumulator lock (locks spin briefly before they park), then the lane of a batch they
 //   open, seal or expire; flush(), close(), take_pending(), stats(), audit() and the first appender
 //   that blocks take every lane's lock. Hash and KeyEqual are called concurrently.
+// - An allocation that fails (std::bad_alloc propagates) loses and double-counts nothing: sealing
+//   never allocates (the notification queue has room for every partition), handle vectors grow
+//   before a batch is taken (take_pending/take_partition: all or nothing), and a partition whose
+//   routing or rotation allocation fails stays queued, with the sender told to look again.
 // Never: scans partitions in append/ready/drain/wait_ready (only audit(), take_pending(), flush()
 // and close(), which walk open batches or everything), polls, or busy-waits. A batch handle that is
 // destroyed without being settled counts its records as failed (nothing vanishes).
