@@ -12,6 +12,9 @@
 //   is end-to-end (every record's delivery callback has run).
 //   sink:0 completes every request at once on the sender thread; sink:1 (push only) completes
 //   each request 1 ms later from a completer thread (up to 5 in flight per destination).
+//   send_random/...: the same with each record sent to a random partition (keyed records: the
+//   partition is a hash of the key), so neither design walks its partitions in memory order (the
+//   round-robin order of send/ lets the scan's array of partitions be prefetched).
 //   Counters: cpu_ns_per_record (process CPU time / records), appender_cpu_ns_per_record (the
 //   appender threads' share), records_per_batch, records_per_request.
 // lowrate/impl/partitions:P: 20,000 records/s for 1 s over P partitions; process CPU per second.
@@ -42,6 +45,7 @@ namespace {
 
 using namespace std::chrono_literals;
 int partitions = 1000;  // set per benchmark from its argument (one benchmark runs at a time)
+bool random_order = false;  // send_random/: each record to a random partition (as keyed records hash)
 constexpr int destinations = 5;
 constexpr std::size_t records_per_iteration = 400'000;
 
@@ -121,10 +125,17 @@ double run_appenders(int threads, Send&& send) {
       const double c0 = thread_cpu_ns();
       const rec proto{};
       int p = t * 13;
+      std::uint64_t x = 0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(t + 1);  // xorshift64 state
       const std::size_t mine = records_per_iteration / static_cast<std::size_t>(threads);
       for (std::size_t i = 0; i < mine; ++i) {
+        if (random_order) {
+          x ^= x << 13;
+          x ^= x >> 7;
+          x ^= x << 17;
+          p = static_cast<int>((x >> 32) % static_cast<std::uint64_t>(partitions));
+        }
         send(p, rec(proto));
-        if (++p == partitions) p = 0;
+        if (!random_order && ++p == partitions) p = 0;
       }
       cpu[static_cast<std::size_t>(t)] = thread_cpu_ns() - c0;
     });
@@ -135,7 +146,8 @@ double run_appenders(int threads, Send&& send) {
   return sum;
 }
 
-void send_push(benchmark::State& state) {
+void send_push_impl(benchmark::State& state, bool random) {
+  random_order = random;
   const int threads = static_cast<int>(state.range(0));
   const bool async = state.range(1) != 0;
   partitions = static_cast<int>(state.range(2));
@@ -352,7 +364,8 @@ class scanning_pipeline {
   std::jthread sender_;
 };
 
-void send_scan(benchmark::State& state, bool exact_linger) {
+void send_scan(benchmark::State& state, bool exact_linger, bool random = false) {
+  random_order = random;
   const int threads = static_cast<int>(state.range(0));
   partitions = static_cast<int>(state.range(2));
   std::atomic<std::uint64_t> delivered{0};
@@ -379,6 +392,8 @@ void send_scan(benchmark::State& state, bool exact_linger) {
   state.counters["records_per_request"] = n / static_cast<double>(pipe.requests() - r0);
 }
 
+void send_push(benchmark::State& state) { send_push_impl(state, false); }
+void send_push_random(benchmark::State& state) { send_push_impl(state, true); }
 BENCHMARK(send_push)
     ->Name("send/impl:push")
     ->ArgNames({"appenders", "sink", "partitions"})
@@ -389,14 +404,31 @@ BENCHMARK(send_push)
     ->Args({2, 0, 10000})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
+// send_random/: the same, each record to a random partition (what keyed records do: the partition
+// is a hash of the key), so neither design walks its partitions in memory order.
+BENCHMARK(send_push_random)
+    ->Name("send_random/impl:push")
+    ->ArgNames({"appenders", "sink", "partitions"})
+    ->Args({1, 0, 1000})
+    ->Args({2, 0, 1000})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 void send_scan_exact(benchmark::State& state) { send_scan(state, true); }
 void send_scan_tick(benchmark::State& state) { send_scan(state, false); }
+void send_scan_random(benchmark::State& state) { send_scan(state, true, true); }
 BENCHMARK(send_scan_exact)
     ->Name("send/impl:scan")
     ->ArgNames({"appenders", "sink", "partitions"})
     ->Args({1, 0, 1000})
     ->Args({2, 0, 1000})
     ->Args({2, 0, 10000})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(send_scan_random)
+    ->Name("send_random/impl:scan")
+    ->ArgNames({"appenders", "sink", "partitions"})
+    ->Args({1, 0, 1000})
+    ->Args({2, 0, 1000})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(send_scan_tick)
