@@ -1080,19 +1080,15 @@ class ready_accumulator {
   };
 
   // Locks every lane (in index order) under mutex_, for the paths that seal or take every open
-  // batch or read every lane's counters.
+  // batch or read every lane's counters. unlock() lets go early (before mutex_).
   class lanes_lock {
    public:
-    explicit lanes_lock(const ready_accumulator& a, bool now = true) noexcept : a_(a) {
-      if (now) lock();
+    explicit lanes_lock(const ready_accumulator& a) noexcept : a_(a) {
+      for (std::size_t i = 0; i < a_.lane_count_; ++i) a_.lanes_[i].mutex.lock();
     }
     lanes_lock(const lanes_lock&) = delete;
     lanes_lock& operator=(const lanes_lock&) = delete;
     ~lanes_lock() { unlock(); }
-    void lock() noexcept {
-      for (std::size_t i = 0; i < a_.lane_count_; ++i) a_.lanes_[i].mutex.lock();
-      held_ = true;
-    }
     void unlock() noexcept {
       if (!std::exchange(held_, false)) return;
       for (std::size_t i = a_.lane_count_; i-- > 0;) a_.lanes_[i].mutex.unlock();
@@ -1100,7 +1096,7 @@ class ready_accumulator {
 
    private:
     const ready_accumulator& a_;
-    bool held_ = false;
+    bool held_ = true;
   };
 
   // Under mutex_: holds one partition's lane at a time, for the timer paths that seal or expire
@@ -1233,7 +1229,7 @@ class ready_accumulator {
     if (freed > 0) buffer_reserved_.fetch_sub(freed, std::memory_order_relaxed);  // relaxed: as above
   }
 
-  // Under every lane's lock and mutex_ (exact), or mutex_ alone after close() (no lane writes).
+  // Under every lane's lock and mutex_ (stats(), audit()): exact.
   std::size_t buffer_used_locked() const noexcept {
     std::size_t credit = 0;
     for (std::size_t i = 0; i < lane_count_; ++i) credit += lanes_[i].credit;
