@@ -185,14 +185,23 @@ TEST_CASE("reconcile_pipeline stress: a key space far beyond the retained slab (
 TEST_CASE("reconcile_pipeline stress: runs that turn out long behind claims (the monitor takes keys back)") {
   const auto seed = sluice_test::seed() + 1717;
   std::uint64_t revoked = 0;
-  for (auto strategy : {conflict_strategy::coalesce, conflict_strategy::wait}) {
-    for (int submitters : {1, 3}) {
-      for (std::size_t max_parallel : {std::size_t{2}, std::size_t{4}}) {
-        revoked += run(strategy, submitters, max_parallel, seed + static_cast<std::uint64_t>(submitters) * 13 + max_parallel, false, true);
+  // Whether a claim of several keys forms behind a long run is up to the scheduler: one sweep
+  // took none back in one CI run in about four (clang preset). Up to five sweeps, each with other
+  // seeds, every one checked for conservation; the unit tests take keys back deterministically.
+  int sweeps = 0;
+  for (; sweeps < 5 && revoked == 0; ++sweeps) {
+    for (auto strategy : {conflict_strategy::coalesce, conflict_strategy::wait}) {
+      for (int submitters : {1, 3}) {
+        for (std::size_t max_parallel : {std::size_t{2}, std::size_t{4}}) {
+          revoked += run(strategy, submitters, max_parallel,
+                         seed + static_cast<std::uint64_t>(sweeps) * 7919 + static_cast<std::uint64_t>(submitters) * 13 +
+                             max_parallel,
+                         false, true);
+        }
       }
     }
   }
-  INFO("claimed keys taken back, in all: " << revoked);
+  INFO("claimed keys taken back, in all: " << revoked << ", in " << sweeps << " sweep(s)");
   // The path this case is for was taken. Not asserted under the sanitizers: runs there are slow
   // enough that the ticking manual clock makes most measure a millisecond, so few claims of
   // several keys form (the unit tests take keys back deterministically under every preset).
